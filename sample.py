@@ -21,7 +21,7 @@ from train_gpt2 import ArgumentParser, get_tokenizer, load_model, pick_device, r
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Sample text from a GPT-2 model.")
     parser.add_argument("--init-from", default="gpt2",
-                        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained directory, or a checkpoint file")
+                        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained folder, or a checkpoint file")
     parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations to draw (a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to the prompt")

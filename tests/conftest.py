@@ -25,12 +25,13 @@ def tiny_config(**overrides) -> GPTConfig:
     return GPTConfig(**settings)
 
 
-def random_hf_model(config: GPTConfig, seed: int = 0) -> GPT2LMHeadModel:
-    """A GPT2LMHeadModel with transformers' own random initialisation: the stand-in for OpenAI's weights."""
+def random_hf_model(config: GPTConfig, seed: int = 0, init_std: float = 0.02) -> GPT2LMHeadModel:
+    """A GPT2LMHeadModel with transformers' own random initialisation: the stand-in for OpenAI's weights.
+    A larger init_std gives peakier logits, so that greedy decoding does not just repeat one token."""
     torch.manual_seed(seed)
     hf_config = GPT2Config(
         n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-        n_positions=config.block_size, vocab_size=config.vocab_size,
+        n_positions=config.block_size, vocab_size=config.vocab_size, initializer_range=init_std,
     )  # fmt: skip
     return GPT2LMHeadModel(hf_config).eval()
 
