@@ -75,6 +75,31 @@ class GPTConfig:
             raise InputError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster route for the few rows of a generation step on a CPU.
+
+    With a KV cache each step feeds one token per sequence, so every layer multiplies a handful of rows by its
+    weight and the step costs one read of the weights. For so few rows MKL (PyTorch's CPU BLAS) streams the weight
+    2-6x faster when the product is written W @ x^T, and only from two columns up: its matrix-vector kernel is the
+    slow one, so a single row is given a duplicate. Same parameters, same math; bench.py measures the effect.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or rows > FEW_ROWS:
+            return super().forward(x)
+        x2d = x.reshape(rows, -1)  # (rows, in)
+        if rows == 1:
+            x2d = x2d.repeat(2, 1)  # (2, in)
+        y = torch.mm(self.weight, x2d.t())[:, :rows].t()  # (out, in) @ (in, rows) -> (out, rows) -> (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], -1)  # (..., out)
+
+
+FEW_ROWS = 6  # up to here W @ x^T is faster on CPU; from 8 rows on both routes run at the same speed
+
+
 class LayerKV(NamedTuple):
     """One layer's view of the KV cache: buffers of shape (B, nh, block_size, hs), the first `length` filled."""
 
@@ -89,8 +114,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True  # see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -119,9 +144,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new": the exact erf GELU gives other logits
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -175,7 +200,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd),  # pre-LN leaves the last block's output unnormalised
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (as GPT-2): one matrix maps tokens to vectors and vectors back to token scores,
         # which saves 38.6M parameters (30% of the 124M model)
         self.lm_head.weight = self.transformer.wte.weight
