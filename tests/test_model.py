@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from train_gpt2 import GPT, GPTConfig, InputError
+from train_gpt2 import GPT, GPTConfig, InputError, Linear
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,18 @@ def test_sequence_longer_than_block_size_is_refused():
     model = GPT(tiny_config())
     with pytest.raises(InputError, match="longer than block_size 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_row_linear_computes_what_nn_linear_computes(bias):
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias)
+    for shape in [(1, 48), (1, 1, 48), (2, 1, 48), (3, 2, 48), (6, 48), (7, 48), (4, 5, 48)]:  # both routes
+        x = torch.randn(shape, requires_grad=True)
+        y = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert y.shape == expected.shape and y.is_contiguous()
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x)
+        (expected_grad_x,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(grad_x, expected_grad_x, rtol=1e-5, atol=1e-6)

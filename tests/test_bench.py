@@ -1,0 +1,28 @@
+"""bench.py's method, not its figures (speed is never asserted in tests): fair turns, ratios within a round.
+
+python -m pytest tests/test_bench.py -q
+"""
+
+import pytest
+
+from bench import main, median_ratio, race
+
+
+def test_race_warms_up_then_rotates_the_order_each_round():
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    seconds = race(contenders, repeats=3, device="cpu")
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    assert all(len(times) == 3 for times in seconds.values())
+
+
+def test_median_ratio_pairs_rounds():
+    assert median_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 1.0]) == 3.0  # per-round ratios 2, 3, 3
+
+
+@pytest.mark.parametrize("argv, message", [(["nope"], "unknown benchmark 'nope'"), (["--repeats", "0"], "--repeats")])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
