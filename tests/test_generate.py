@@ -153,3 +153,12 @@ def test_bad_sampling_settings_are_refused(hf_and_ours, settings, message):
     settings = dict(max_new_tokens=4) | settings
     with pytest.raises(InputError, match=message):
         model.generate(torch.zeros(1, 2, dtype=torch.long), **settings)
+
+
+def test_a_filled_cache_takes_one_token_at_a_time(hf_and_ours):
+    _, model = hf_and_ours
+    cache = model.new_kv_cache(1, "cpu")
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="one new token at a time"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache=cache)

@@ -151,3 +151,11 @@ def test_file_that_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="no 'model' and 'model_config'"):
         load_model(str(tmp_path / "other.pt"))
+    save_checkpoint(str(tmp_path / "mismatch.pt"), GPT(tiny_config()), step=1)
+    state = torch.load(tmp_path / "mismatch.pt", weights_only=True)
+    state["model_config"]["n_layer"] = 3
+    torch.save(state, tmp_path / "mismatch.pt")
+    with pytest.raises(InputError, match="its weights do not fit this model"):
+        load_model(str(tmp_path / "mismatch.pt"))
+    with pytest.raises(InputError, match="does not exist"):
+        load_model(str(tmp_path / "missing.pt"))
