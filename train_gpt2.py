@@ -533,19 +533,31 @@ def get_tokenizer():
         return tiktoken.get_encoding("gpt2")
     except Exception as download_error:  # requests' ConnectionError, a hash mismatch, a read-only cache, ...
         try:
-            vocab_bpe, encoder_json = gpt2_bpe_files()
+            _, encoder_json = gpt2_bpe_files()
         except InputError as e:
             raise InputError(f"{e}; tiktoken could not download them either ({first_line(download_error)})") from None
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_SPLIT_PATTERN,
-        mergeable_ranks=ranks,
+        mergeable_ranks=gpt2_mergeable_ranks(encoder_json),
         special_tokens={"<|endoftext|>": EOT_TOKEN},
         explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
+
+
+def gpt2_mergeable_ranks(encoder_json: str) -> dict[bytes, int]:
+    """tiktoken's table (token bytes -> rank) from OpenAI's encoder.json.
+
+    encoder.json spells each token with one printable character per byte: bytes that print (other than space)
+    stand for themselves, the other 68 are moved to chr(256), chr(257), ... in byte order. A token's id is its
+    merge rank (vocab.bpe lists the merges in that order), which is all tiktoken's BPE needs.
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    shifted = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
+    with open(encoder_json, encoding="utf-8") as f:
+        encoder = json.load(f)
+    return {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != "<|endoftext|>"}
 
 
 def gpt2_bpe_files() -> tuple[str, str]:

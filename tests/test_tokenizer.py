@@ -69,8 +69,8 @@ def test_offline_fallback_equals_tiktoken_own_encoding(tmp_path, monkeypatch, fr
     ours = get_tokenizer()
     assert ours is not reference
     assert ours._mergeable_ranks == reference._mergeable_ranks
-    assert ours._pat_str == reference._pat_str and ours._special_tokens == reference._special_tokens
-    for text in VARIED_TEXTS:
+    assert ours._special_tokens == reference._special_tokens
+    for text in VARIED_TEXTS:  # the split pattern is spelled differently across tiktoken versions: compare results
         assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
