@@ -32,12 +32,14 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -581,24 +583,178 @@ def gpt2_bpe_files() -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Data: token shards on disk, and the loader that streams batches from them
+#
+# The format is llm.c's, so that llm.c can train on our data and we on its: a header of 256 int32 (magic, version,
+# token count, zeros), then the tokens as uint16 (GPT-2's 50,257 ids fit in 16 bits, half the disk of int32).
+# prepare_data.py writes shards through these definitions; manifest.json beside them lists each shard's tokens and
+# sha256, the tokenizer, the source and the settings.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+SHARD_DTYPE = np.uint16
+SPLITS = ("train", "val", "test")
+MANIFEST_NAME = "manifest.json"
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}_{split}_{index:06d}.bin"
+
+
+def shard_bytes(tokens: np.ndarray) -> bytes:
+    """A whole shard file's contents: header, then the tokens as uint16."""
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    return header.tobytes() + tokens.astype(SHARD_DTYPE, copy=False).tobytes()
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], object]):
+    """Call write(file) on a temporary file, then rename it to path: a crash never leaves a file that looks
+    finished, and an existing file is replaced only by a complete one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def load_tokens(path: str) -> np.ndarray:
+    """A shard's tokens as a read-only memory map (nothing is read until it is used), after checking the header."""
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    except OSError as e:
+        raise InputError(f"cannot read {path} ({first_line(e)})") from None
+    if len(header) < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise InputError(f"{path} is not a token shard (no llm.c header, magic {SHARD_MAGIC} version {SHARD_VERSION})")
+    n_tokens = int(header[2])
+    size = os.path.getsize(path)
+    if size != SHARD_HEADER_BYTES + n_tokens * 2:
+        raise InputError(
+            f"{path} holds {(size - SHARD_HEADER_BYTES) // 2:,} tokens but its header says {n_tokens:,}: "
+            "the file is truncated or corrupt, run prepare_data.py again"
+        )
+    return np.memmap(path, dtype=SHARD_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(n_tokens,))
+
+
+def find_shards(data_dir: str, split: str) -> list[str]:
+    """The shard files of one split, checked against manifest.json when there is one (llm.c's shards have none)."""
+    if not os.path.isdir(data_dir):
+        raise InputError(f"data folder {data_dir} does not exist: run prepare_data.py first, or pass --data-dir")
+    manifest_path = os.path.join(data_dir, MANIFEST_NAME)
+    if os.path.isfile(manifest_path):
+        manifest = read_manifest(manifest_path)
+        entries = manifest["splits"].get(split, {}).get("shards", [])
+        paths = [os.path.join(data_dir, entry["file"]) for entry in entries]
+        for path, entry in zip(paths, entries):
+            if not os.path.isfile(path):
+                raise InputError(f"{path} is listed in {manifest_path} but missing: run prepare_data.py again")
+            if len(load_tokens(path)) != entry["tokens"]:
+                raise InputError(f"{path} does not hold the {entry['tokens']:,} tokens {manifest_path} lists")
+    else:
+        pattern = re.compile(rf".+_{split}_\d{{6}}\.bin")
+        paths = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if pattern.fullmatch(f))
+    if not paths:
+        raise InputError(f"{data_dir} holds no {split} shards (*_{split}_NNNNNN.bin): run prepare_data.py first")
+    return paths
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable manifest ({first_line(e)}): run prepare_data.py again") from None
+    if manifest.get("tokenizer") != "gpt2":
+        raise InputError(f"{path}: the data was tokenized with {manifest.get('tokenizer')!r}, not GPT-2's 'gpt2'")
+    return manifest
+
+
+class DataLoader:
+    """Streams (x, y) batches of shape (B, T) from a split's shards; y is x shifted left by one token.
+
+    Shards are memory-mapped, so the data set never has to fit in RAM. Under DDP the ranks read interleaved,
+    disjoint windows of each shard: rank r takes tokens [p + r*B*T, p + (r+1)*B*T] of the current stride p, so
+    together they read exactly what one process with a world_size times larger batch would. At the end of a shard
+    the loader moves to the next, and after the last it starts a new epoch in a new shard order (shuffled with the
+    seed: walking the shards in the same order every epoch gives the loss a bump at every shard boundary).
+    Its position is three numbers (`state_dict`), saved in checkpoints so a resumed run reads the very next batch.
+    """
+
+    def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 1337, shuffle: bool = True):  # fmt: skip
+        self.paths = find_shards(data_dir, split)
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.stride = batch_size * seq_len * world_size  # tokens all ranks consume per batch
+        lengths = [len(load_tokens(path)) for path in self.paths]
+        if max(lengths) < self.stride + 1:
+            raise InputError(
+                f"the {split} shards in {data_dir} hold at most {max(lengths):,} tokens each, but one batch needs "
+                f"{self.stride + 1:,} (batch {batch_size} x seq-len {seq_len} x {world_size} processes, + 1): "
+                "use a smaller batch or sequence, or more data"
+            )
+        self.reset()
+
+    def reset(self):
+        """Back to the first batch of epoch 0: the validation loader does this before every evaluation."""
+        self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]):
+        self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
+        self.order = self.shard_order(self.epoch)
+        self.tokens = load_tokens(self.paths[self.order[self.shard]])
+
+    def shard_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.paths)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.paths)).tolist()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while self.position + self.stride + 1 > len(self.tokens):  # this shard is used up (or too short)
+            self.advance_shard()
+        start = self.position + self.rank * self.B * self.T
+        window = torch.from_numpy(self.tokens[start : start + self.B * self.T + 1].astype(np.int64))  # (B*T + 1,)
+        self.position += self.stride
+        x = window[:-1].view(self.B, self.T)  # (B, T) inputs
+        y = window[1:].view(self.B, self.T)  # (B, T) targets: the token after each input
+        return x, y
+
+    def advance_shard(self):
+        self.shard, self.position = self.shard + 1, 0
+        if self.shard == len(self.paths):
+            self.epoch, self.shard = self.epoch + 1, 0
+            self.order = self.shard_order(self.epoch)
+        self.tokens = load_tokens(self.paths[self.order[self.shard]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and loading any model a script is pointed at
 
 
 def save_checkpoint(path: str, model: GPT, **extra):
     """Write model weights, config and any extra state to `path` atomically: a crash leaves the old file intact."""
     state = {"model": model.state_dict(), "model_config": asdict(model.config), **extra}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
