@@ -250,7 +250,7 @@ def file_sha256(path: str) -> str:
 
 def tokenize_split(documents: Callable[[], Iterator[str]], n_docs: int, writer: ShardWriter, pool) -> int:
     """Tokenize a split in order (so the bytes never depend on the number of processes); returns tokens written."""
-    batches = batched(documents())
+    batches = batched(documents(), BATCH_CHARS)
     results = pool.imap(tokenize_documents, batches) if pool else map(tokenize_documents, batches)
     start = time.perf_counter()
     with tqdm(total=n_docs, unit="doc", desc=f"{writer.split:>5}", dynamic_ncols=True) as progress:
