@@ -3,6 +3,7 @@ Every performance figure gpt2-lite states, measured here: side by side, in one r
 
   python bench.py                       # all benchmarks
   python bench.py generate              # generate() against transformers' generate(), GPT-2 124M
+  python bench.py data                  # prepare_data against build-nanogpt's fineweb.py; the loader's cost
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -12,16 +13,35 @@ both sides of a ratio alike. The tables print as Markdown, ready for the README.
 """
 
 import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
+import prepare_data
 import train_gpt2
-from train_gpt2 import GPT, ArgumentParser, GPTConfig, get_tokenizer, pick_device, run_cli
+from train_gpt2 import (
+    EOT_TOKEN,
+    GPT,
+    ArgumentParser,
+    DataLoader,
+    GPTConfig,
+    get_tokenizer,
+    pick_device,
+    run_cli,
+    shard_bytes,
+)
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -133,7 +153,118 @@ def bench_generate(args: argparse.Namespace):
     print(f"\nmedian of {args.repeats} alternating rounds after a warm-up; 'without cache' is one run.")
 
 
-BENCHMARKS = {"generate": bench_generate}
+# ----------------------------------------------------------------------------------------------------------------
+# prepare_data: tokens per second against build-nanogpt's fineweb.py; the loader against a training step
+
+
+def fineweb_tokenize(doc: str) -> np.ndarray:
+    """build-nanogpt's fineweb.py tokenize(), as published: one document per task, <|endoftext|> first."""
+    tokens = [EOT_TOKEN]
+    tokens.extend(get_tokenizer().encode_ordinary(doc))
+    tokens_np = np.array(tokens)
+    assert (0 <= tokens_np).all() and (tokens_np < 2**16).all(), "token dictionary too large for uint16"
+    return tokens_np.astype(np.uint16)
+
+
+def fineweb_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: int) -> int:
+    """fineweb.py's loop: Pool.imap over documents (chunksize 16), filling and writing fixed-size shards."""
+    buffer, filled, index, total = np.empty(shard_size, dtype=np.uint16), 0, 0, 0
+    with multiprocessing.Pool(num_proc) as pool:
+        for tokens in pool.imap(fineweb_tokenize, docs, chunksize=16):
+            total += len(tokens)
+            while len(tokens):
+                n = min(len(tokens), shard_size - filled)
+                buffer[filled : filled + n], filled, tokens = tokens[:n], filled + n, tokens[n:]
+                if filled == shard_size:
+                    Path(out_dir, f"fineweb_{index:06d}.bin").write_bytes(shard_bytes(buffer))
+                    filled, index = 0, index + 1
+        if filled:
+            Path(out_dir, f"fineweb_{index:06d}.bin").write_bytes(shard_bytes(buffer[:filled]))
+    return total
+
+
+def ours_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: int) -> int:
+    """prepare_data.py's tokenizing and writing (ordered, batched, atomic, hashed), on the same documents."""
+    writer = prepare_data.ShardWriter(out_dir, "ours", "train", shard_size)
+    with multiprocessing.Pool(num_proc) as pool, contextlib.redirect_stderr(io.StringIO()):  # no progress bar
+        return prepare_data.tokenize_split(lambda: iter(docs), len(docs), writer, pool)
+
+
+def benchmark_documents() -> tuple[list[str], str]:
+    """Real text in many documents of varied size: WikiText-2 articles, Shakespeare's speeches, LAMBADA passages."""
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
+    if not shared.is_dir():
+        rng = np.random.default_rng(0)
+        words = np.array("the of and to in a is was for on as with by he at from his an were are which".split())
+        docs = [" ".join(rng.choice(words, size=rng.integers(20, 2000))) for _ in range(6000)]
+        return docs, "6,000 generated documents (../shared/data is absent)"
+    docs = list(prepare_data.file_documents([str(shared / "wikitext-2-raw" / "wiki.valid.raw")]))
+    docs += [s + "\n" for s in (shared / "tinyshakespeare" / "input.txt").read_text().split("\n\n")]
+    docs += [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").read_text().splitlines()]
+    return docs, "WikiText-2 valid articles, Tiny Shakespeare speeches and LAMBADA passages"
+
+
+def bench_data(args: argparse.Namespace):
+    docs, what = benchmark_documents()
+    num_proc, shard_size = os.cpu_count(), 1_000_000
+    print(f"\n## prepare_data: GPT-2 tokens per second, {num_proc} processes each ({cpu_name()})\n")
+    print(f"{len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text: {what}.\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = {}
+
+        def run(name: str, prepare: Callable) -> Callable[[], None]:
+            out_dir = os.path.join(tmp, name)
+            os.makedirs(out_dir, exist_ok=True)
+            return lambda: tokens.__setitem__(name, prepare(docs, out_dir, shard_size, num_proc))
+
+        seconds = race({"ours": run("ours", ours_prepare), "fineweb": run("fineweb", fineweb_prepare)}, args.repeats,
+                       "cpu")  # fmt: skip
+        assert tokens["ours"] == tokens["fineweb"], "both must produce the same tokens"
+    rate = {name: tokens[name] / statistics.median(times) for name, times in seconds.items()}
+    print("| pipeline | tokens/s |")
+    print("| --- | ---: |")
+    print(f"| prepare_data.py (ordered batches of ~{prepare_data.BATCH_CHARS // 1024} KB of text per task) "
+          f"| {rate['ours']:,.0f} |")
+    print(f"| build-nanogpt fineweb.py (Pool.imap, one document per task, chunksize 16) | {rate['fineweb']:,.0f} |")
+    print(f"| **ratio** (median of {args.repeats} alternating rounds, {tokens['ours']:,} tokens each) "
+          f"| **{median_ratio(seconds['fineweb'], seconds['ours']):.2f}x** |")
+    bench_loader(args)
+
+
+def bench_loader(args: argparse.Namespace):
+    """The loader's time per batch, next to one training step of a small model: it should be a rounding error."""
+    docs, _ = benchmark_documents()
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=50304)
+    B, T = 8, 256
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = prepare_data.ShardWriter(tmp, "bench", "train", 200_000)
+        with contextlib.redirect_stderr(io.StringIO()):
+            prepare_data.tokenize_split(lambda: iter(docs), len(docs), writer, None)
+        loader = DataLoader(tmp, "train", B, T)
+        torch.manual_seed(0)
+        model = GPT(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def train_step():
+            x, y = loader.next_batch()
+            _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        n_batches = 200
+        loader_s = race({"loader": lambda: [loader.next_batch() for _ in range(n_batches)]}, args.repeats, "cpu")
+        step_s = race({"step": train_step}, args.repeats, "cpu")
+    per_batch = statistics.median(loader_s["loader"]) / n_batches
+    per_step = statistics.median(step_s["step"])
+    print(f"\n## DataLoader: one batch of {B} x {T} tokens against one training step of a "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter model ({cpu_name()})\n")
+    print("| next_batch() | training step (forward, backward, AdamW) | share of the step |")
+    print("| ---: | ---: | ---: |")
+    print(f"| {per_batch * 1e6:,.0f} µs | {per_step * 1e3:,.1f} ms | {per_batch / per_step:.3%} |")
+
+
+BENCHMARKS = {"generate": bench_generate, "data": bench_data}
 
 
 def main(argv: list[str] | None = None):

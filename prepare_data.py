@@ -55,7 +55,7 @@ HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 WIKITEXT_FILE = re.compile(r"wiki\.\w+\.raw")  # wiki.train.raw, wiki.valid.raw, wiki.test.raw
 ARTICLE_HEADING = re.compile(r" = [^=].* = ")  # " = Title = "; sections are " = = Section = = "
 PROGRESS_NAME = ".prepare-in-progress.json"  # the settings of a run that has not finished yet
-BATCH_CHARS = 1 << 20  # text per task sent to a worker: big enough that inter-process traffic costs little
+BATCH_CHARS = 256 << 10  # text per worker task: big enough that inter-process traffic costs little
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,3 +26,17 @@ def test_bad_arguments(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_data_benchmark_compares_pipelines_that_make_the_same_shards(tmp_path):
+    from bench import fineweb_prepare, ours_prepare
+    from train_gpt2 import load_tokens
+
+    docs = ["first document\n", "second, with ünïcödé\n", "third " * 500]
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "fineweb").mkdir()
+    n_ours = ours_prepare(docs, str(tmp_path / "ours"), 300, 2)
+    assert n_ours == fineweb_prepare(docs, str(tmp_path / "fineweb"), 300, 2)
+    ours = [load_tokens(str(p)).tolist() for p in sorted((tmp_path / "ours").glob("*.bin"))]
+    theirs = [load_tokens(str(p)).tolist() for p in sorted((tmp_path / "fineweb").glob("*.bin"))]
+    assert ours == theirs
