@@ -103,6 +103,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         if not matches:
             raise InputError(f"--input pattern {pattern!r} matches no file")
         for path in matches:
+            if os.path.isdir(path):
+                raise InputError(f"input {path} is a folder: pass its files, e.g. --input '{path}/*.txt'")
             if not os.path.isfile(path):
                 raise InputError(f"input file {path} does not exist")
             if os.path.getsize(path) == 0:

@@ -229,6 +229,7 @@ def test_bad_input_files(tmp_path):
     assert_one_line_error(run_prepare("--input", str(tmp_path / "missing.txt"), *out), "missing.txt does not exist")
     assert_one_line_error(run_prepare("--input", str(tmp_path / "nothing*.txt"), *out), "matches no file")
     assert_one_line_error(run_prepare("--input", str(tmp_path / "empty.txt"), *out), "empty.txt is empty")
+    assert_one_line_error(run_prepare("--input", str(tmp_path), *out), "is a folder: pass its files")
     assert_one_line_error(run_prepare("--input", good, "--val-input", str(tmp_path / "latin1.txt"), *out),
                           "latin1.txt is not UTF-8 text: byte 0xe9 at offset 19")
     assert_one_line_error(run_prepare("--input", good, "--val-fraction", "1.5", *out), "--val-fraction must be")
