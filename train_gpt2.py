@@ -26,23 +26,29 @@ References:
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
+import random
 import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class InputError(ValueError):
@@ -328,6 +334,26 @@ class GPT(nn.Module):
                 GPT2TokenizerFast.from_pretrained(tmp).save_pretrained(tmp)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+
+    # --- Training ----------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, device_type: str) -> torch.optim.AdamW:
+        """AdamW with GPT-3's settings (appendix B): betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
+
+        Only matrices and embeddings decay (every tensor of 2 or more dimensions): decay pulls weights toward zero
+        to keep them small, which makes sense for the matrices that mix features, not for biases and LayerNorm
+        gains, whose job is a plain offset or scale. The fused kernel updates all tensors in one launch per step.
+        """
+        params = list(self.parameters())  # lm_head.weight is wte.weight: parameters() lists it once
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        settings = dict(lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **settings)
+        except (RuntimeError, TypeError):  # no fused kernel for this device or torch version
+            return torch.optim.AdamW(groups, **settings)
 
     # --- Sampling -----------------------------------------------------------------------------------------------
 
@@ -783,6 +809,221 @@ def load_model(init_from: str, device: str | torch.device = "cpu") -> GPT:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Training utilities: each technique of the seed's steps 3-11, as a function the loop calls
+
+
+def get_lr(step: int, warmup_steps: int, max_steps: int, max_lr: float, min_lr: float) -> float:
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps (GPT-3 section 2.3; the seed's step 8).
+
+    Warmup keeps the first updates, made while Adam's moment estimates are still noise, from throwing the model
+    somewhere bad; the cosine spends most steps at a high rate and eases down for the end.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps  # step 0 already gets a small, non-zero rate
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_precision(device: str, requested: str) -> tuple[str, str]:
+    """The compute precision for autocast, and the reason, printed at start (the seed's steps 3, 4 and 11).
+
+    bf16 keeps fp32's range, so it needs no loss scaling; GPUs run it on tensor cores from compute capability
+    8.0 (A100, RTX 30xx/40xx, H100). Older GPUs such as the T4 (7.5) run fp16 on their tensor cores, whose small
+    range needs a GradScaler. Decide by capability: torch.cuda.is_bf16_supported() says yes on a T4, where bf16
+    is only emulated, and slower than fp32.
+    """
+    device_type = torch.device(device).type
+    if requested != "auto":
+        return requested, "as --dtype asked"
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bf16", f"compute capability {major}.{minor}: bf16 tensor cores, no loss scaling needed"
+        return "fp16", f"compute capability {major}.{minor}: no bf16 tensor cores, so fp16 with a GradScaler"
+    return "fp32", f"{device_type}: fp32, the exact reference (bf16 autocast is --dtype bf16)"
+
+
+def autocast_for(device: str, precision: str):
+    """A zero-argument factory of the autocast context for this precision (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device_type, dtype=PRECISIONS[precision])
+
+
+def accumulate_gradients(model: nn.Module, loader: DataLoader, grad_accum_steps: int, autocast, scaler,
+                         device: str) -> torch.Tensor:  # fmt: skip
+    """Forward and backward over grad_accum_steps micro batches (the seed's step 10); returns the mean loss.
+
+    A batch of 65,536 tokens does not fit a T4 at once, but 16 micro batches of 4 x 1,024 do, one after another:
+    backward() adds each micro batch's gradient to .grad, and dividing every loss by grad_accum_steps makes the
+    sum the mean, exactly the gradient of the whole batch. Under DDP gradients are averaged across processes at
+    backward(); doing that only on the last micro step saves grad_accum_steps - 1 all-reduces per step.
+    """
+    total = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = micro_step == grad_accum_steps - 1
+        no_sync = model.no_sync if isinstance(model, DDP) and not last else contextlib.nullcontext
+        with no_sync():
+            with autocast():
+                _, loss = model(x, y)
+            loss = loss / grad_accum_steps
+            scaler.scale(loss).backward()  # fp16: the loss is scaled up so small gradients do not round to zero
+        total += loss.detach()
+    return total
+
+
+def step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, lr: float,
+                   grad_clip: float) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """Clip the gradient norm and take an AdamW step (the seed's steps 4, 7 and 8); returns (norm, skipped).
+
+    With fp16 the gradients are still multiplied by the loss scale here: unscale them first, so that the norm we
+    log and clip is the true one (the seed's fp16 logs show norms in the tens of thousands: scaled gradients).
+    Clipping rescales the whole gradient when its norm exceeds grad_clip, so that one bad batch cannot throw
+    the weights far. GradScaler skips the step if any gradient overflowed, and lowers the scale.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, scaler.is_enabled() and scaler.get_scale() < scale
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, loader: DataLoader, steps: int, autocast, device: str) -> float:
+    """Mean loss over the same `steps` validation batches every time; under DDP, averaged over all processes."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    model.train()
+    mean = total / steps
+    if dist.is_initialized():
+        dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+    return mean.item()
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6N for the weight matmuls (2 forward, 4 backward, per parameter), plus attention
+    scores and their weighted sum, 12 * n_layer * n_embd * seq_len (PaLM, appendix B). N leaves out the position
+    embeddings, a lookup with no multiply; the tied lm_head counts, it is a real matmul."""
+    n_params = 12 * config.n_layer * config.n_embd**2 + 13 * config.n_layer * config.n_embd  # blocks
+    n_params += config.vocab_size * config.n_embd + 2 * config.n_embd  # wte (also lm_head) and ln_f
+    return 6 * n_params + 12 * config.n_layer * config.n_embd * seq_len
+
+
+# Dense tensor-core peaks in TFLOPS from the vendors' data sheets, for (bf16 or fp16, fp32). fp32 counts TF32
+# where the card has it (we switch TF32 matmuls on). Consumer cards accumulate fp16/bf16 in fp32 at half rate.
+GPU_PEAK_TFLOPS = {
+    "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "A10G": (70.0, 35.0),
+    "L4": (121.0, 60.0), "RTX 4090": (165.2, 82.6), "RTX 4080": (97.5, 48.7), "RTX 3090": (71.0, 35.6),
+    "V100": (125.0, 15.7), "T4": (65.0, 8.1),
+}  # fmt: skip
+
+
+def peak_flops(device: str, precision: str) -> tuple[float, str]:
+    """FLOP/s that 100% MFU means here: a data-sheet peak for known GPUs, else a short matmul measured now."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, single) in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return (single if precision == "fp32" else half) * 1e12, f"{name} data-sheet peak"
+    return measure_matmul_flops(device, PRECISIONS[precision]), "measured matmul peak"
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    return 2 * n**3 * calls / (time.perf_counter() - start)
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size). Under torchrun (it sets RANK), join the process group: NCCL between GPUs,
+    gloo between CPU processes. A plain `python train_gpt2.py` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+# --- the run directory: checkpoints and log.jsonl ---------------------------------------------------------------
+
+LOG_NAME = "log.jsonl"  # one JSON object per line: {"step", "split": "train" | "val", "loss", ...}
+
+
+def log_event(run_dir: str, **fields):
+    """Append one event to log.jsonl, the machine-readable log that plot_losses.py reads."""
+    with open(os.path.join(run_dir, LOG_NAME), "a") as f:
+        f.write(json.dumps(fields) + "\n")
+
+
+def truncate_log(run_dir: str, step: int):
+    """Drop events of steps >= step: a resumed run logs them again, as if it had never stopped."""
+    path = os.path.join(run_dir, LOG_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+    write_atomically(path, lambda f: f.write("".join(kept).encode()))
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"ckpt_{step:06d}.pt")
+
+
+def step_checkpoints(run_dir: str) -> list[str]:
+    """The run's periodic checkpoints, oldest first (best.pt, the best-validation one, is kept apart)."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(os.path.join(run_dir, n) for n in names if re.fullmatch(r"ckpt_\d{6}\.pt", n))
+
+
+def rng_states(device: str) -> dict:
+    """Every random state training touches (dropout draws from torch's), in types weights_only loading accepts."""
+    version, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": list(random.getstate()[1]),
+    }
+
+
+def set_rng_states(states: dict, device: str):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((3, tuple(states["python"]), None))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command-line plumbing shared by every script
 
 
@@ -815,3 +1056,295 @@ def run_cli(main, argv: list[str] | None = None):
     except InputError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: the training run
+#
+#   python train_gpt2.py                                  # GPT-2 124M on data/wikitext-103, the seed's step 11
+#   python train_gpt2.py --resume                         # continue runs/gpt2-124m from its latest checkpoint
+#   torchrun --standalone --nproc_per_node=8 train_gpt2.py    # DDP on 8 GPUs (gloo between CPU processes)
+#   python train_gpt2.py --init-from gpt2 --max-lr 6e-5   # fine-tune OpenAI's weights instead
+
+
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+    """The run's settings, and the names of those given on the command line (a resume keeps the others)."""
+    parser = ArgumentParser(description="Train GPT-2 (defaults: 124M on WikiText-103, the seed's step 11).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    # data and run
+    parser.add_argument("--data-dir", default="data/wikitext-103", help="folder of shards from prepare_data.py")
+    parser.add_argument("--run-dir", default="runs/gpt2-124m", help="where checkpoints and log.jsonl go")
+    parser.add_argument("--init-from", default=None,
+                        help="start from gpt2, gpt2-medium, ..., a save_pretrained folder or a checkpoint (fine-tune)")
+    parser.add_argument("--resume", action="store_true", help="continue --run-dir from its latest checkpoint")
+    # model
+    parser.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
+    parser.add_argument("--n-head", type=int, default=12, help="attention heads per block")
+    parser.add_argument("--n-embd", type=int, default=768, help="width of the residual stream")
+    parser.add_argument("--block-size", type=int, default=1024, help="longest context the model can take, tokens")
+    parser.add_argument("--vocab-size", type=int, default=50304, help="50,257 padded to a multiple of 64: faster")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability (regularisation)")
+    # batch
+    parser.add_argument("--batch-size", type=int, default=4, help="micro batch: sequences per forward pass")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--total-batch-size", type=int, default=65536,
+                        help="tokens per optimizer step (4 x 1024 x 16 accumulation steps)")
+    # optimization
+    parser.add_argument("--max-steps", type=int, default=40000, help="optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=2000, help="linear warmup steps (5%%, the seed's ratio)")
+    parser.add_argument("--max-lr", type=float, default=6e-4, help="peak learning rate")
+    parser.add_argument("--min-lr", type=float, default=6e-5, help="final learning rate of the cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    # evaluation, sampling, checkpoints
+    parser.add_argument("--eval-interval", type=int, default=250, help="steps between validation losses")
+    parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per evaluation")
+    parser.add_argument("--sample-interval", type=int, default=1000, help="steps between text samples (0 = never)")
+    parser.add_argument("--ckpt-interval", type=int, default=1000, help="steps between checkpoints (0 = at the end)")
+    parser.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept (best.pt is kept apart)")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="stop after this many evaluations without a better validation loss (0 = never)")
+    # system
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *PRECISIONS], help="autocast precision")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on for CUDA)")
+    parser.add_argument("--seed", type=int, default=1337, help="initial weights, data order and dropout")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.dest for a in parser._actions for o in a.option_strings for arg in argv if arg.split("=")[0] == o}
+
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "seq_len",
+                "total_batch_size", "max_steps", "eval_interval", "eval_steps", "keep_last"]  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.warmup_steps >= args.max_steps:
+        parser.error(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
+    if not 0 < args.min_lr <= args.max_lr:
+        parser.error(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    return args, given
+
+
+def build_model(args: argparse.Namespace, given: set[str], checkpoint: dict | None) -> GPT:
+    """The model to train: from the checkpoint being resumed, from --init-from, or fresh from the flags."""
+    if checkpoint is not None:
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        source = "the checkpoint being resumed"
+    elif args.init_from:
+        model = load_model(args.init_from)
+        model.config.dropout = args.dropout  # fine-tuning may add dropout; the modules read it from here:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = args.dropout
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = args.dropout
+        given = given - {"dropout"}
+        source = args.init_from
+    else:
+        model = GPT(GPTConfig(**{name: getattr(args, name) for name in MODEL_FLAGS}))
+        source = None
+    if source:
+        for name in sorted(given & set(MODEL_FLAGS)):
+            if getattr(model.config, name) != getattr(args, name):
+                raise InputError(
+                    f"--{name.replace('_', '-')} {getattr(args, name)} differs from {source}'s "
+                    f"{getattr(model.config, name)}: drop the flag, or start a new --run-dir"
+                )
+    if args.seq_len > model.config.block_size:
+        raise InputError(f"--seq-len {args.seq_len} is above the model's block size {model.config.block_size}")
+    return model
+
+
+def compile_model(model: GPT, args: argparse.Namespace, device: str, autocast, say) -> nn.Module:
+    """torch.compile fuses the model's small operations into few kernels (the seed's step 5: 1.5x per step).
+    It compiles at the first call, so make that call now, on a throwaway batch: if compiling fails (no C++
+    compiler, an unsupported GPU, Windows), say why and train uncompiled."""
+    compiled = torch.compile(model)
+    x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    try:
+        with autocast():
+            _, loss = compiled(x, x)
+        loss.backward()
+    except Exception as e:  # torch._dynamo / inductor raise many kinds
+        say(f"torch.compile failed ({first_line(e)}): training uncompiled")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled
+
+
+def main(argv: list[str] | None = None):
+    args, given = parse_args(argv)
+    rank, local_rank, world_size = setup_distributed()
+    try:
+        train(args, given, rank, local_rank, world_size)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int):
+    master = rank == 0  # only rank 0 prints, logs, samples and writes checkpoints
+
+    def say(*parts):
+        if master:
+            print(*parts, flush=True)
+
+    if world_size > 1:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # share the cores instead of every process using all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    else:
+        device = pick_device(args.device)
+    device_type = torch.device(device).type
+    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise InputError(
+            f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
+            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
+        )
+    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
+
+    # the run directory: continue it (--resume) or start it, never overwrite someone's run
+    os.makedirs(args.run_dir, exist_ok=True)
+    checkpoint = None
+    if args.resume:
+        checkpoints = step_checkpoints(args.run_dir)
+        if not checkpoints:
+            raise InputError(f"--resume: {args.run_dir} holds no checkpoint (ckpt_NNNNNN.pt) to continue from")
+        checkpoint = load_checkpoint(checkpoints[-1], map_location=device)
+        saved = checkpoint.get("args", {})
+        for name, value in saved.items():  # the run's own settings, except what this command line changes
+            if name not in given and name not in ("resume", "device"):
+                setattr(args, name, value)
+    elif step_checkpoints(args.run_dir) or os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
+        raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+
+    # data first: a missing or too small data folder is found before any model is built
+    train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
+    val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
+    model = build_model(args, given, checkpoint).to(device)
+    raw_model = model  # the module itself: what checkpoints save and generate() runs on
+    precision, why = choose_precision(device, args.dtype)
+    autocast = autocast_for(device, precision)
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on TF32 tensor cores: ~8x, 10 mantissa bits
+        torch.backends.cudnn.allow_tf32 = True
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
+    use_compile = device_type == "cuda" if args.compile is None else args.compile
+    if use_compile:
+        model = compile_model(raw_model, args, device, autocast, say)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    torch.manual_seed(args.seed + rank)  # dropout differs between processes
+    start_step, best_val_loss, evals_without_improvement = 0, float("inf"), 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        train_loader.load_state_dict(checkpoint["train_loader"])
+        start_step = checkpoint["step"]
+        best_val_loss = checkpoint["best_val_loss"]
+        evals_without_improvement = checkpoint["evals_without_improvement"]
+        if len(checkpoint["rng"]) == world_size:
+            set_rng_states(checkpoint["rng"][rank], device)
+    if master:
+        truncate_log(args.run_dir, start_step)
+
+    decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    flops = flops_per_token(raw_model.config, args.seq_len)
+    peak, peak_source = peak_flops(device, precision)
+    say(f"model: {n_params:,} parameters, {raw_model.config}")
+    say(f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
+        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})")  # fmt: skip
+    say(f"device {device} x {world_size} process(es) | precision {precision} ({why}) | compile {use_compile} | "
+        f"fused AdamW {bool(optimizer.defaults.get('fused'))}")
+    say(f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} process(es) "
+        f"x {grad_accum_steps} accumulation steps | mfu against the {peak_source}, {peak / 1e12:,.1f} TFLOP/s")
+    say(f"{'resuming at' if checkpoint else 'starting at'} step {start_step} of {args.max_steps} in {args.run_dir}")
+
+    def save(path: str, step: int):
+        """All the state a run needs to continue exactly; every process must call it (RNG states are gathered)."""
+        rng = [rng_states(device)]
+        if world_size > 1:
+            rng = [None] * world_size
+            dist.all_gather_object(rng, rng_states(device))
+        if master:
+            save_checkpoint(path, raw_model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                            args=vars(args), train_loader=train_loader.state_dict(), best_val_loss=best_val_loss,
+                            evals_without_improvement=evals_without_improvement, rng=rng)  # fmt: skip
+
+    last_checkpoint = checkpoint and step_checkpoints(args.run_dir)[-1]
+    for step in range(start_step, args.max_steps + 1):
+        last = step == args.max_steps
+        # checkpoint first, then evaluate: a run resumed here repeats this step's evaluation exactly
+        if step > start_step and (last or args.ckpt_interval and step % args.ckpt_interval == 0):
+            last_checkpoint = checkpoint_path(args.run_dir, step)
+            save(last_checkpoint, step)
+            if master:
+                for old in step_checkpoints(args.run_dir)[: -args.keep_last]:
+                    os.remove(old)
+        if last or step % args.eval_interval == 0:
+            val_loss = estimate_loss(raw_model if world_size == 1 else model.module, val_loader, args.eval_steps,
+                                     autocast, device)  # fmt: skip
+            improved = val_loss < best_val_loss
+            best_val_loss, evals_without_improvement = (val_loss, 0) if improved else (
+                best_val_loss, evals_without_improvement + 1)  # fmt: skip
+            say(f"step {step}/{args.max_steps} | val loss {val_loss:.4f}" + (" | best so far" if improved else ""))
+            if master:
+                log_event(args.run_dir, step=step, split="val", loss=val_loss)
+            if improved and step > 0:
+                save(os.path.join(args.run_dir, "best.pt"), step)
+            if args.patience and evals_without_improvement >= args.patience:
+                say(f"early stop: no better validation loss in {args.patience} evaluations "
+                    f"(best {best_val_loss:.4f}); best.pt holds the best model")  # fmt: skip
+                save(checkpoint_path(args.run_dir, step), step)
+                break
+        if master and args.sample_interval and (last or step % args.sample_interval == 0):
+            raw_model.eval()
+            with autocast():
+                out = raw_model.generate(torch.tensor([[EOT_TOKEN]], device=device), 48, top_k=50, seed=args.seed)
+            raw_model.train()
+            say(f"step {step} sample: {get_tokenizer().decode(out[0, 1:].tolist())!r}")
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        lr = get_lr(step, args.warmup_steps, args.max_steps, args.max_lr, args.min_lr)
+        loss = accumulate_gradients(model, train_loader, grad_accum_steps, autocast, scaler, device)
+        if world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the logged loss is the whole batch's
+        norm, skipped = step_optimizer(model, optimizer, scaler, lr, args.grad_clip)
+        loss_value, norm_value = loss.item(), norm.item()  # waits for the GPU, so the clock below is honest
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss_value):
+            where = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint yet"
+            raise InputError(f"the loss became {loss_value} at step {step}: training diverged ({where}); "
+                             "try a lower --max-lr, more --warmup-steps or --dtype fp32")  # fmt: skip
+        tokens_per_s = args.total_batch_size / dt
+        line = (f"step {step}/{args.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm {norm_value:.2f} | "
+                f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s | mfu {flops * tokens_per_s / peak:.0%}")  # fmt: skip
+        if skipped:
+            line += f" | skipped: fp16 gradients overflowed, loss scale now {scaler.get_scale():g}"
+        say(line)
+        if master:
+            log_event(args.run_dir, step=step, split="train", loss=loss_value, lr=lr, norm=norm_value,
+                      ms=dt * 1000, tok_s=tokens_per_s, skipped=skipped)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(main)
