@@ -947,8 +947,9 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
 
 
 def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # constant operands: the values do not change the speed, and the global RNG must stay untouched
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
     a @ b  # warm-up
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -1207,13 +1208,6 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     else:
         device = pick_device(args.device)
     device_type = torch.device(device).type
-    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
-    if args.total_batch_size % tokens_per_micro_step:
-        raise InputError(
-            f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
-            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
-        )
-    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
 
     # the run directory: continue it (--resume) or start it, never overwrite someone's run
     os.makedirs(args.run_dir, exist_ok=True)
@@ -1229,6 +1223,13 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                 setattr(args, name, value)
     elif step_checkpoints(args.run_dir) or os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
         raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise InputError(
+            f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
+            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
+        )
+    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
 
     # data first: a missing or too small data folder is found before any model is built
     train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
