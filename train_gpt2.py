@@ -902,10 +902,12 @@ def step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, l
 
 @torch.no_grad()
 def estimate_loss(model: nn.Module, loader: DataLoader, steps: int, autocast, device: str) -> float:
-    """Mean loss over the same `steps` validation batches every time; under DDP, averaged over all processes."""
+    """Mean loss over the same `steps` validation batches every time. Under DDP the processes share the batches
+    (each reads its own interleaved windows) and average their losses: the same windows one process would read."""
     model.eval()
     loader.reset()
     total = torch.zeros((), device=device)
+    steps = math.ceil(steps / loader.world_size)
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast():
@@ -1102,7 +1104,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     # evaluation, sampling, checkpoints
     parser.add_argument("--eval-interval", type=int, default=250, help="steps between validation losses")
-    parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per evaluation")
+    parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per evaluation (all processes)")
     parser.add_argument("--sample-interval", type=int, default=1000, help="steps between text samples (0 = never)")
     parser.add_argument("--ckpt-interval", type=int, default=1000, help="steps between checkpoints (0 = at the end)")
     parser.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept (best.pt is kept apart)")
