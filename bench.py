@@ -4,6 +4,7 @@ Every performance figure gpt2-lite states, measured here: side by side, in one r
   python bench.py                       # all benchmarks
   python bench.py generate              # generate() against transformers' generate(), GPT-2 124M
   python bench.py data                  # prepare_data against build-nanogpt's fineweb.py; the loader's cost
+  python bench.py train                 # a training step against transformers' GPT2LMHeadModel, fp32 and bf16
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -264,7 +265,68 @@ def bench_loader(args: argparse.Namespace):
     print(f"| {per_batch * 1e6:,.0f} µs | {per_step * 1e3:,.1f} ms | {per_batch / per_step:.3%} |")
 
 
-BENCHMARKS = {"generate": bench_generate, "data": bench_data}
+# ----------------------------------------------------------------------------------------------------------------
+# training: tokens per second of a full step against transformers' GPT2LMHeadModel
+
+
+def bench_train(args: argparse.Namespace):
+    """Forward, backward and AdamW step on the same shapes and precision, ours against GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = args.device
+    shapes = {"small (4 x 128 wide, batch 8 x 256)": (GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256,
+                                                                vocab_size=50304), 8, 256),
+              "124M (batch 1 x 1024)": (GPTConfig(vocab_size=50304), 1, 1024)}  # fmt: skip
+    print(f"\n## training step: tokens/s, ours against transformers' GPT2LMHeadModel ({machine_line(device)})\n")
+    print("| model | precision | mode | gpt2-lite | transformers | ratio |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
+    for shape_name, (config, B, T) in shapes.items():
+        for precision in ("fp32", "bf16"):
+            for mode in args.train_modes:
+                ours, theirs = training_steps(config, B, T, precision, mode == "compiled", device,
+                                              GPT2Config, GPT2LMHeadModel)  # fmt: skip
+                seconds = race({"ours": ours, "theirs": theirs}, args.repeats, device)
+                rate = {name: B * T / statistics.median(times) for name, times in seconds.items()}
+                print(f"| {shape_name} | {precision} | {mode} | {rate['ours']:,.0f} | {rate['theirs']:,.0f} "
+                      f"| **{median_ratio(seconds['theirs'], seconds['ours']):.2f}x** |", flush=True)
+    print(f"\nmedian of {args.repeats} alternating rounds after a warm-up step (and compilation) for each.")
+
+
+def training_steps(config: GPTConfig, B: int, T: int, precision: str, compiled: bool, device: str,
+                   GPT2Config, GPT2LMHeadModel) -> tuple[Callable[[], None], Callable[[], None]]:  # fmt: skip
+    """One training step of each model, as zero-argument functions: same weights, data, optimizer and autocast."""
+    torch.manual_seed(0)
+    hf_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                           n_positions=config.block_size, vocab_size=config.vocab_size,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    hf_model = GPT2LMHeadModel(hf_config).to(device).train()
+    model = GPT(config)
+    model.load_hf_state_dict(hf_model.state_dict())
+    model.to(device).train()
+    tokens = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
+    autocast = train_gpt2.autocast_for(device, precision)
+
+    def step_fn(module: torch.nn.Module, loss_of: Callable) -> Callable[[], None]:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        run = torch.compile(module) if compiled else module
+
+        def step():
+            with autocast():
+                loss = loss_of(run)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    ours = step_fn(model, lambda m: m(tokens[:, :-1], tokens[:, 1:])[1])
+    theirs = step_fn(hf_model, lambda m: m(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss)
+    return ours, theirs
+
+
+BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train}
 
 
 def main(argv: list[str] | None = None):
@@ -272,6 +334,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("benchmarks", nargs="*", help=f"which to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("--train-modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="train benchmark: eager and/or torch.compile'd models")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:

@@ -6,9 +6,17 @@ What this file holds, in reading order:
   2. Sampling   temperature, top-k, top-p, one token at a time through the KV cache
   3. Weights    OpenAI's GPT-2 in through Hugging Face transformers, and back out
   4. Tokenizer  tiktoken's "gpt2" encoding, with an offline fallback
-  5. Checkpoints and the command-line plumbing every sibling script shares
+  5. Data       llm.c's token-shard format, and the loader that streams (B, T) batches from it
+  6. Training   the seed's steps 3-11, one function each: mixed precision, compile, flash attention, AdamW and
+                clipping, the learning-rate schedule, gradient accumulation, DDP, checkpoints that resume exactly
+  7. main()     the training run, and the command-line plumbing every sibling script shares
 
 Commands a reader will type:
+  python prepare_data.py                                   # WikiText-103 -> data/wikitext-103 (token shards)
+  python train_gpt2.py                                     # GPT-2 124M, the seed's step 11, precision picked per GPU
+  python train_gpt2.py --resume                            # continue after a crash or a Colab disconnect
+  torchrun --standalone --nproc_per_node=8 train_gpt2.py   # 8 GPUs with DDP
+  python train_gpt2.py --init-from gpt2 --max-lr 6e-5      # fine-tune OpenAI's weights
   python sample.py --init-from gpt2 --prompt "Hello World ! I'm LLM" --num-samples 5 --max-new-tokens 32
   python -m pytest tests -q
 
@@ -22,7 +30,7 @@ In Python:
 References:
   GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
   GPT-3: Brown et al. 2020, "Language Models are Few-Shot Learners" (section 2.3, appendix B).
-  Flash attention: Dao et al. 2022, arXiv:2205.14135.
+  Flash attention: Dao et al. 2022, arXiv:2205.14135. MFU: Chowdhery et al. 2022 (PaLM), appendix B.
 """
 
 import argparse
@@ -1250,6 +1258,7 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     use_compile = device_type == "cuda" if args.compile is None else args.compile
     if use_compile:
         model = compile_model(raw_model, args, device, autocast, say)
+        use_compile = model is not raw_model  # False when compiling failed
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 

@@ -323,3 +323,18 @@ def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_existing_on
     assert other.returncode == 1
     assert "--n-layer 3 differs from the checkpoint being resumed's 2" in other.stderr
     assert os.path.isfile(run / "ckpt_000004.pt")
+
+
+def test_a_failing_compile_is_explained_and_training_goes_on(tmp_path, small_data, monkeypatch, capsys):
+    def broken_compile(model):
+        def call(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    train_gpt2.main([*TINY_RUN, "--data-dir", str(small_data), "--run-dir", str(tmp_path / "run"), "--max-steps", "4",
+                     "--eval-interval", "4", "--sample-interval", "0", "--compile"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "torch.compile failed (InductorError: no working C++ compiler found): training uncompiled" in out
+    assert "compile False" in out and "step 3/4 | loss" in out
