@@ -1280,6 +1280,10 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops = flops_per_token(raw_model.config, args.seq_len)
     peak, peak_source = peak_flops(device, precision)
+
+    def mfu(tokens_per_s: float) -> float:  # model FLOPs done per second, against what the devices could do
+        return flops * tokens_per_s / (peak * world_size)
+
     say(f"model: {n_params:,} parameters, {raw_model.config}")
     say(f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
         f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})")  # fmt: skip
@@ -1311,7 +1315,7 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                 for old in step_checkpoints(args.run_dir)[: -args.keep_last]:
                     os.remove(old)
         if last or step % args.eval_interval == 0:
-            val_loss = estimate_loss(raw_model if world_size == 1 else model.module, val_loader, args.eval_steps,
+            val_loss = estimate_loss(model.module if world_size > 1 else model, val_loader, args.eval_steps,
                                      autocast, device)  # fmt: skip
             improved = val_loss < best_val_loss
             best_val_loss, evals_without_improvement = (val_loss, 0) if improved else (
@@ -1349,7 +1353,7 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                              "try a lower --max-lr, more --warmup-steps or --dtype fp32")  # fmt: skip
         tokens_per_s = args.total_batch_size / dt
         line = (f"step {step}/{args.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm {norm_value:.2f} | "
-                f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s | mfu {flops * tokens_per_s / peak:.0%}")  # fmt: skip
+                f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s | mfu {mfu(tokens_per_s):.0%}")  # fmt: skip
         if skipped:
             line += f" | skipped: fp16 gradients overflowed, loss scale now {scaler.get_scale():g}"
         say(line)

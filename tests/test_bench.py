@@ -40,3 +40,15 @@ def test_data_benchmark_compares_pipelines_that_make_the_same_shards(tmp_path):
     ours = [load_tokens(str(p)).tolist() for p in sorted((tmp_path / "ours").glob("*.bin"))]
     theirs = [load_tokens(str(p)).tolist() for p in sorted((tmp_path / "fineweb").glob("*.bin"))]
     assert ours == theirs
+
+
+def test_train_benchmark_steps_both_models_on_the_same_weights():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bench import training_steps
+    from train_gpt2 import GPTConfig
+
+    ours, theirs = training_steps(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64), 2, 16,
+                                  "fp32", False, "cpu", GPT2Config, GPT2LMHeadModel)  # fmt: skip
+    ours()
+    theirs()
