@@ -338,3 +338,26 @@ def test_a_failing_compile_is_explained_and_training_goes_on(tmp_path, small_dat
     out = capsys.readouterr().out
     assert "torch.compile failed (InductorError: no working C++ compiler found): training uncompiled" in out
     assert "compile False" in out and "step 3/4 | loss" in out
+
+
+@pytest.mark.parametrize(
+    "name, capability, precision",
+    [("Tesla T4", (7, 5), "fp16"), ("NVIDIA GeForce RTX 4080", (8, 9), "bf16"),
+     ("NVIDIA H100 80GB HBM3", (9, 0), "bf16"), ("Tesla V100-SXM2-16GB", (7, 0), "fp16")],
+)  # fmt: skip
+def test_precision_and_mfu_peak_follow_the_card(monkeypatch, name, capability, precision):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says so too: not trusted
+    assert choose_precision("cuda", "auto")[0] == precision
+    peak, source = train_gpt2.peak_flops("cuda", precision)
+    half, _ = next(v for k, v in train_gpt2.GPU_PEAK_TFLOPS.items() if k in name)
+    assert peak == half * 1e12 and source == f"{name} data-sheet peak"
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    config = GPTConfig(vocab_size=50304)
+    with torch.device("meta"):
+        model = GPT(config)
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    assert train_gpt2.flops_per_token(config, 1024) == 6 * n + 12 * 12 * 768 * 1024
