@@ -1223,7 +1223,6 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     device_type = torch.device(device).type
 
     # the run directory: continue it (--resume) or start it, never overwrite someone's run
-    os.makedirs(args.run_dir, exist_ok=True)
     checkpoint = None
     if args.resume:
         checkpoints = step_checkpoints(args.run_dir)
@@ -1236,6 +1235,9 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                 setattr(args, name, value)
     elif step_checkpoints(args.run_dir) or os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
         raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    if world_size > 1:
+        dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
+    os.makedirs(args.run_dir, exist_ok=True)
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise InputError(

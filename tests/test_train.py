@@ -319,6 +319,9 @@ def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_existing_on
     assert run_train(*args).returncode == 0
     again = run_train(*args)
     assert again.returncode == 1 and "already holds a run: pass --resume" in again.stderr
+    missing = run_train("--resume", "--run-dir", str(tmp_path / "never-made"))
+    assert missing.returncode == 1 and "holds no checkpoint" in missing.stderr
+    assert not (tmp_path / "never-made").exists()
     other = run_train("--resume", "--run-dir", str(run), "--n-layer", "3")
     assert other.returncode == 1
     assert "--n-layer 3 differs from the checkpoint being resumed's 2" in other.stderr
