@@ -1064,12 +1064,21 @@ def pick_device(requested: str) -> str:
 
 
 def run_cli(main, argv: list[str] | None = None):
-    """Run a script's main(argv); bad input ends it with one line on stderr and exit status 1, no traceback."""
+    """Run a script's main(argv); bad input ends it with one line on stderr and exit status 1, no traceback.
+    Under torchrun every process meets the same bad input, and rank 0 alone says so."""
+    script = os.path.basename(sys.argv[0])
+    quiet = os.environ.get("RANK", "0") != "0"
     try:
         main(argv)
     except InputError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"{script}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: files are written atomically, so nothing is left half-written
+        if not quiet:
+            print(f"{script}: interrupted (a training run continues with --resume from its last checkpoint)",
+                  file=sys.stderr)  # fmt: skip
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1139,13 +1148,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     for name in ("warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.warmup_steps >= args.max_steps:
-        parser.error(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
-    if not 0 < args.min_lr <= args.max_lr:
-        parser.error(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     return args, given
+
+
+def check_schedule(args: argparse.Namespace):
+    """Settings that must agree with each other; checked once a resumed run's own settings are back in place."""
+    if args.warmup_steps >= args.max_steps:
+        raise InputError(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
+    if not 0 < args.min_lr <= args.max_lr:
+        raise InputError(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
 
 
 def build_model(args: argparse.Namespace, given: set[str], checkpoint: dict | None) -> GPT:
@@ -1235,6 +1248,7 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                 setattr(args, name, value)
     elif step_checkpoints(args.run_dir) or os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
         raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    check_schedule(args)
     if world_size > 1:
         dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
     os.makedirs(args.run_dir, exist_ok=True)

@@ -364,3 +364,24 @@ def test_flops_per_token_is_6n_plus_attention():
         model = GPT(config)
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     assert train_gpt2.flops_per_token(config, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_resume_continues_it(tmp_path, small_data):
+    run = tmp_path / "run"
+    args = [*TINY_RUN, "--data-dir", str(small_data), "--run-dir", str(run), "--max-steps", "400",
+            "--eval-interval", "100", "--ckpt-interval", "2", "--sample-interval", "0"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "train_gpt2.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (run / "ckpt_000004.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [
+        "train_gpt2.py: interrupted (a training run continues with --resume from its last checkpoint)"
+    ]
+    resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "8")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout and "step 7/8 | loss" in resumed.stdout
