@@ -385,3 +385,20 @@ def test_ctrl_c_ends_a_run_with_one_line_and_resume_continues_it(tmp_path, small
     resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "8")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout and "step 7/8 | loss" in resumed.stdout
+
+
+def test_init_from_a_checkpoint_starts_where_that_model_left_off(tmp_path, small_data):
+    common = [*TINY_RUN, "--data-dir", str(small_data), "--eval-interval", "10", "--sample-interval", "0"]
+    first = run_train(*common, "--run-dir", str(tmp_path / "first"), "--max-steps", "20", "--ckpt-interval", "20")
+    assert first.returncode == 0, first.stderr
+    final_val = [e for e in logged_losses(tmp_path / "first") if e[1] == "val"][-1][2]
+    tuned = run_train(*common, "--run-dir", str(tmp_path / "tuned"), "--max-steps", "4", "--max-lr", "1e-4",
+                      "--min-lr", "1e-5", "--init-from", str(tmp_path / "first" / "ckpt_000020.pt"),
+                      "--dropout", "0.1")  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr
+    assert "dropout=0.1" in tuned.stdout  # fine-tuning may add dropout to a model trained without it
+    start_val = logged_losses(tmp_path / "tuned")[0]
+    assert start_val[:2] == (0, "val") and start_val[2] == pytest.approx(final_val, rel=1e-6)
+    refused = run_train(*common, "--run-dir", str(tmp_path / "other"), "--max-steps", "4", "--n-layer", "3",
+                        "--init-from", str(tmp_path / "first" / "ckpt_000020.pt"))  # fmt: skip
+    assert refused.returncode == 1 and "--n-layer 3 differs from" in refused.stderr
