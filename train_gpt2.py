@@ -71,7 +71,8 @@ class InputError(ValueError):
 #
 # Shapes in comments: B batch, T sequence length, C n_embd, nh n_head, hs head size = C // nh, V vocab_size.
 # Module names are Hugging Face's (transformer.h.0.attn.c_attn.weight, ...) so that loading OpenAI's weights is a
-# transpose and a copy, which a reader can check line by line.
+# transpose and a copy, which a reader can check line by line. `Linear` is nn.Linear with a faster route for the
+# few rows of a generation step on a CPU; it is explained in the Sampling section, where that speed matters.
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's size: 256 bytes + 50,000 BPE merges + <|endoftext|>
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and GPT-2 has no other special token
@@ -89,31 +90,6 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
             raise InputError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
-
-
-FEW_ROWS = 6  # up to here W @ x^T is faster on a CPU; from 8 rows on both routes run at the same speed
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with a faster route for the few rows of a generation step on a CPU.
-
-    With a KV cache each step feeds one token per sequence, so every layer multiplies a handful of rows by its
-    weight and the step costs one read of the weights. For so few rows MKL (PyTorch's CPU BLAS) streams the weight
-    2-6x faster when the product is written W @ x^T, and only from two columns up: its matrix-vector kernel is the
-    slow one, so a single row is given a duplicate. Same parameters, same math; bench.py measures the effect.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > FEW_ROWS:
-            return super().forward(x)
-        x2d = x.reshape(rows, -1)  # (rows, in)
-        if rows == 1:
-            x2d = x2d.repeat(2, 1)  # (2, in)
-        y = torch.mm(self.weight, x2d.t())[:, :rows].t()  # (out, in) @ (in, rows) -> (out, rows) -> (rows, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
 class LayerKV(NamedTuple):
@@ -445,7 +421,31 @@ HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling: from the last position's logits to the next token
+# Sampling: the matmul route that makes generation fast on a CPU, and from the last logits to the next token
+
+FEW_ROWS = 6  # up to here W @ x^T is faster on a CPU; from 8 rows on both routes run at the same speed
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with a faster route for the few rows of a generation step on a CPU.
+
+    With a KV cache each step feeds one token per sequence, so every layer multiplies a handful of rows by its
+    weight and the step costs one read of the weights. For so few rows MKL (PyTorch's CPU BLAS) streams the weight
+    2-6x faster when the product is written W @ x^T, and only from two columns up: its matrix-vector kernel is the
+    slow one, so a single row is given a duplicate. Same parameters, same math; bench.py measures the effect.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.size(-1)
+        if x.device.type != "cpu" or rows > FEW_ROWS:
+            return super().forward(x)
+        x2d = x.reshape(rows, -1)  # (rows, in)
+        if rows == 1:
+            x2d = x2d.repeat(2, 1)  # (2, in)
+        y = torch.mm(self.weight, x2d.t())[:, :rows].t()  # (out, in) @ (in, rows) -> (out, rows) -> (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None):
