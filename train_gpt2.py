@@ -1249,9 +1249,6 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     elif step_checkpoints(args.run_dir) or os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
         raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
     check_schedule(args)
-    if world_size > 1:
-        dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
-    os.makedirs(args.run_dir, exist_ok=True)
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise InputError(
@@ -1263,6 +1260,9 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     # data first: a missing or too small data folder is found before any model is built
     train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
     val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
+    if world_size > 1:
+        dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
+    os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
 
     torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
     model = build_model(args, given, checkpoint).to(device)
