@@ -229,12 +229,11 @@ def bench_data(args: argparse.Namespace):
     print(f"| build-nanogpt fineweb.py (Pool.imap, one document per task, chunksize 16) | {rate['fineweb']:,.0f} |")
     print(f"| **ratio** (median of {args.repeats} alternating rounds, {tokens['ours']:,} tokens each) "
           f"| **{median_ratio(seconds['fineweb'], seconds['ours']):.2f}x** |")
-    bench_loader(args)
+    bench_loader(args, docs)
 
 
-def bench_loader(args: argparse.Namespace):
+def bench_loader(args: argparse.Namespace, docs: list[str]):
     """The loader's time per batch, next to one training step of a small model: it should be a rounding error."""
-    docs, _ = benchmark_documents()
     config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=50304)
     B, T = 8, 256
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,7 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -805,15 +805,20 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return state
 
 
+def model_from_checkpoint(state: dict, path: str) -> GPT:
+    """The GPT a checkpoint holds, with one clear line if its config or weights do not fit this code."""
+    try:
+        model = GPT(GPTConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError) as e:  # a config field or weight this version does not know
+        raise InputError(f"{path}: its weights do not fit this model ({first_line(e)})") from None
+    return model
+
+
 def load_model(init_from: str, device: str | torch.device = "cpu") -> GPT:
     """The model a script is pointed at: a checkpoint file from train_gpt2.py, a Hugging Face name or directory."""
     if os.path.isfile(init_from):
-        state = load_checkpoint(init_from)
-        try:
-            model = GPT(GPTConfig(**state["model_config"]))
-            model.load_state_dict(state["model"])
-        except (TypeError, RuntimeError) as e:  # a config field or weight this version does not know
-            raise InputError(f"{init_from}: its weights do not fit this model ({first_line(e)})") from None
+        model = model_from_checkpoint(load_checkpoint(init_from), init_from)
     else:
         model = GPT.from_pretrained(init_from)
     return model.to(device)
@@ -1164,17 +1169,13 @@ def check_schedule(args: argparse.Namespace):
 def build_model(args: argparse.Namespace, given: set[str], checkpoint: dict | None) -> GPT:
     """The model to train: from the checkpoint being resumed, from --init-from, or fresh from the flags."""
     if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
+        model = model_from_checkpoint(checkpoint, "the checkpoint being resumed")
         source = "the checkpoint being resumed"
     elif args.init_from:
-        model = load_model(args.init_from)
-        model.config.dropout = args.dropout  # fine-tuning may add dropout; the modules read it from here:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = args.dropout
-            elif isinstance(module, CausalSelfAttention):
-                module.dropout = args.dropout
+        # the same weights with this run's dropout: fine-tuning may add it to a model trained without
+        loaded = load_model(args.init_from)
+        model = GPT(replace(loaded.config, dropout=args.dropout))
+        model.load_state_dict(loaded.state_dict())
         given = given - {"dropout"}
         source = args.init_from
     else:
