@@ -993,7 +993,11 @@ def setup_distributed() -> tuple[int, int, int]:
 
 # --- the run directory: checkpoints and log.jsonl ---------------------------------------------------------------
 
-LOG_NAME = "log.jsonl"  # one JSON object per line: {"step", "split": "train" | "val", "loss", ...}
+# One JSON object per line, each with "step" and "split":
+#   {"split": "train", "loss", "lr", "norm", "ms", "tok_s", "skipped"}   after every optimizer step
+#   {"split": "val", "loss"}                                             every --eval-interval steps
+#   {"split": "sample", "text"}                                          every --sample-interval steps
+LOG_NAME = "log.jsonl"
 
 
 def log_event(run_dir: str, **fields):
@@ -1002,13 +1006,30 @@ def log_event(run_dir: str, **fields):
         f.write(json.dumps(fields) + "\n")
 
 
+def read_log(path: str) -> tuple[list[dict], int]:
+    """The events of a log.jsonl, and how many lines were not events (a line cut short by a crash, say)."""
+    events, malformed = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict) and isinstance(event.get("step"), int) and isinstance(event.get("split"), str):
+                events.append(event)
+            else:
+                malformed += 1
+    return events, malformed
+
+
 def truncate_log(run_dir: str, step: int):
     """Drop events of steps >= step: a resumed run logs them again, as if it had never stopped."""
     path = os.path.join(run_dir, LOG_NAME)
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+    kept = [json.dumps(event) + "\n" for event in read_log(path)[0] if event["step"] < step]
     write_atomically(path, lambda f: f.write("".join(kept).encode()))
 
 
@@ -1247,8 +1268,11 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
         for name, value in saved.items():  # the run's own settings, except what this command line changes
             if name not in given and name not in ("resume", "device"):
                 setattr(args, name, value)
-    elif step_checkpoints(args.run_dir) or os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
+    elif step_checkpoints(args.run_dir):
         raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    elif os.path.isfile(os.path.join(args.run_dir, LOG_NAME)):
+        # a run that died before its first checkpoint (a Colab disconnect, say): nothing to continue, so start over
+        say(f"{args.run_dir} holds a log but no checkpoint: starting that run again from step 0")
     check_schedule(args)
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
@@ -1355,7 +1379,9 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
             with autocast():
                 out = raw_model.generate(torch.tensor([[EOT_TOKEN]], device=device), 48, top_k=50, seed=args.seed)
             raw_model.train()
-            say(f"step {step} sample: {get_tokenizer().decode(out[0, 1:].tolist())!r}")
+            text = get_tokenizer().decode(out[0, 1:].tolist())
+            say(f"step {step} sample: {text!r}")
+            log_event(args.run_dir, step=step, split="sample", text=text)
         if last:
             break
 

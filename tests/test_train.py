@@ -176,7 +176,7 @@ def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def logged_losses(run_dir: Path) -> list[tuple]:
     events = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
-    return [(e["step"], e["split"], e["loss"]) for e in events]
+    return [(e["step"], e["split"], e["loss"]) for e in events if e["split"] in ("train", "val")]
 
 
 def test_tiny_run_on_real_text_learns_logs_checkpoints_and_samples(tmp_path):
@@ -190,8 +190,9 @@ def test_tiny_run_on_real_text_learns_logs_checkpoints_and_samples(tmp_path):
     assert len(step_lines) == 40
     assert re.fullmatch(r"step 39/40 \| loss \d+\.\d{4} \| lr \d\.\d\de-\d\d \| norm \d+\.\d\d \| \d+ ms \| "
                         r"[\d,]+ tok/s \| mfu \d+%", step_lines[-1])  # fmt: skip
-    assert "step 40 sample: " in result.stdout
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    samples = [e for e in events if e["split"] == "sample"]
+    assert [e["step"] for e in samples] == [0, 40] and f"step 40 sample: {samples[-1]['text']!r}" in result.stdout
     train = [e for e in events if e["split"] == "train"]
     val = [e for e in events if e["split"] == "val"]
     assert {"step", "loss", "lr", "norm", "ms", "tok_s", "skipped"} <= set(train[0])
@@ -326,6 +327,19 @@ def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_existing_on
     assert other.returncode == 1
     assert "--n-layer 3 differs from the checkpoint being resumed's 2" in other.stderr
     assert os.path.isfile(run / "ckpt_000004.pt")
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, small_data):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 0, "split": "val", "loss": 10.9}\n{"step": 0, "split": "tr')
+    args = [*TINY_RUN, "--data-dir", str(small_data), "--run-dir", str(run), "--max-steps", "4", "--ckpt-interval",
+            "4", "--eval-interval", "4", "--sample-interval", "0"]  # fmt: skip
+    result = run_train(*args)
+    assert result.returncode == 0, result.stderr
+    assert "holds a log but no checkpoint: starting that run again from step 0" in result.stdout
+    expected = [(0, "val"), (0, "train"), (1, "train"), (2, "train"), (3, "train"), (4, "val")]
+    assert [(step, split) for step, split, _ in logged_losses(run)] == expected  # the old lines are gone
 
 
 def test_a_failing_compile_is_explained_and_training_goes_on(tmp_path, small_data, monkeypatch, capsys):
