@@ -57,6 +57,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 
 class InputError(ValueError):
@@ -1061,6 +1062,163 @@ def set_rng_states(states: dict, device: str):
     keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(states["python"]), None))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: how likely the model finds a completion, and HellaSwag
+#
+# Benchmarks like HellaSwag and LAMBADA ask one question of a language model: given this context, how likely is
+# this continuation? completion_losses answers it for many (context, completion) pairs at once. HellaSwag lives
+# here so that training can run it (--hellaswag-interval); evaluate.py adds LAMBADA and WikiText perplexity.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+class Completion(NamedTuple):
+    loss: float  # summed cross-entropy of the completion's tokens, in nats
+    tokens: int  # how many tokens the completion has
+    greedy: bool  # whether greedy decoding, given the context, would produce exactly these tokens
+
+
+@torch.no_grad()
+def completion_losses(model: GPT, pairs: list[tuple[list[int], list[int]]], device: str, autocast=None,
+                      batch_tokens: int = 8192, progress: bool = False) -> list[Completion]:  # fmt: skip
+    """Score each (context, completion) pair of token-id lists with one forward pass over context + completion.
+
+    Pairs are packed into batches of about batch_tokens tokens, right-padded; only the completion's positions
+    are scored, so the padding never counts. A pair longer than block_size + 1 tokens loses tokens from the left
+    of its context. The model's padded vocabulary rows (50,304 > 50,257) are not tokens and are left out.
+    """
+    block_size, autocast = model.config.block_size, autocast or contextlib.nullcontext
+    rows = []
+    for context, completion in pairs:
+        if not 1 <= len(completion) <= block_size:
+            raise ValueError(f"a completion must have 1 to block_size = {block_size} tokens, not {len(completion)}")
+        rows.append(((context + completion)[-(block_size + 1) :], len(completion)))
+    results = []
+    with tqdm(total=len(rows), unit="seq", disable=not progress, leave=False) as bar:
+        for batch in token_batches(rows, batch_tokens):
+            results += score_batch(model, batch, device, autocast)
+            bar.update(len(batch))
+    return results
+
+
+def token_batches(rows: list[tuple[list[int], int]], batch_tokens: int) -> Iterator[list[tuple[list[int], int]]]:
+    """Consecutive rows, as many per batch as fit in batch_tokens once padded to the batch's longest row."""
+    batch, longest = [], 0
+    for row in rows:
+        if batch and (len(batch) + 1) * max(longest, len(row)) > batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(row)
+        longest = max(longest, len(row))
+    if batch:
+        yield batch
+
+
+def score_batch(model: GPT, batch: list[tuple[list[int], int]], device: str, autocast) -> list[Completion]:
+    T = max(len(tokens) for tokens, _ in batch) - 1
+    x = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T), right-padded with token 0
+    y = torch.full((len(batch), T), -1, dtype=torch.long)  # (B, T) next tokens; -1 where nothing is scored
+    for i, (tokens, n) in enumerate(batch):
+        x[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+        y[i, len(tokens) - 1 - n : len(tokens) - 1] = torch.tensor(tokens[-n:])
+    x, y = x.to(device), y.to(device)
+    with autocast():
+        logits, _ = model(x)  # (B, T, V)
+    scored = y >= 0  # (B, T)
+    row = scored.nonzero()[:, 0]  # (S,) the row of each scored position
+    picked = logits[scored][:, :GPT2_VOCAB_SIZE].float()  # (S, 50257): the scored positions only, in fp32
+    nll = F.cross_entropy(picked, y[scored], reduction="none")  # (S,)
+    wrong = (picked.argmax(dim=-1) != y[scored]).float()  # (S,)
+    loss = torch.zeros(len(batch), device=device).index_add_(0, row, nll)  # (B,)
+    misses = torch.zeros(len(batch), device=device).index_add_(0, row, wrong)  # (B,)
+    counts = scored.sum(dim=1)
+    return [Completion(nats, n, m == 0) for nats, n, m in zip(loss.tolist(), counts.tolist(), misses.tolist())]
+
+
+def hellaswag_file(path: str | None, cache_dir: str = os.path.join("data", "hellaswag")) -> str:
+    """The given HellaSwag jsonl, or the validation set downloaded once into cache_dir."""
+    if path:
+        if not os.path.isfile(path):
+            raise InputError(f"HellaSwag file {path} does not exist")
+        return path
+    target = os.path.join(cache_dir, "hellaswag_val.jsonl")
+    if not os.path.isfile(target):
+        data = download(HELLASWAG_URL, "HellaSwag")
+        write_atomically(target, lambda f: f.write(data))
+    return target
+
+
+def download(url: str, what: str) -> bytes:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except OSError as e:
+        raise InputError(f"cannot download {what} from {url} ({first_line(e)}; no network?): download it "
+                         "elsewhere and pass the file with --data") from None  # fmt: skip
+
+
+def read_jsonl(path: str, what: str, valid: Callable[[dict], bool], expected: str) -> list[dict]:
+    """The lines of a jsonl file as dicts, each checked by valid(); a bad line is named with its number."""
+    examples = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+                ok = isinstance(example, dict) and valid(example)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise InputError(f"{path}, line {number}: not a {what} example (expected {expected})")
+            examples.append(example)
+    if not examples:
+        raise InputError(f"{path} holds no {what} examples")
+    return examples
+
+
+def hellaswag_examples(path: str) -> list[dict]:
+    def valid(example: dict) -> bool:
+        endings = example["endings"]
+        return (isinstance(example["ctx"], str) and isinstance(endings, list) and len(endings) == 4
+                and all(isinstance(e, str) and e for e in endings) and example["label"] in (0, 1, 2, 3))  # fmt: skip
+
+    return read_jsonl(path, "HellaSwag", valid, 'JSON with "ctx", four "endings" and a "label" from 0 to 3')
+
+
+def hellaswag_scores(model: GPT, examples: list[dict], device: str, autocast=None, batch_tokens: int = 8192,
+                     progress: bool = False) -> dict:  # fmt: skip
+    """Accuracy on HellaSwag: the context, then each of the four endings (with a space before it) is scored.
+
+    acc picks the ending of lowest total loss; acc_norm the lowest loss per token, which does not favour short
+    endings (the figure usually quoted: 0.2955 for GPT-2 124M with this scoring). Under DDP each process scores
+    every world_size-th example and the counts are summed, so every process returns the whole set's scores.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    enc = get_tokenizer()
+    mine = examples[rank::world_size]
+    pairs = []
+    for example in mine:
+        context = enc.encode_ordinary(example["ctx"])
+        pairs += [(context, enc.encode_ordinary(" " + ending)) for ending in example["endings"]]
+    was_training = model.training
+    model.eval()
+    scored = completion_losses(model, pairs, device, autocast, batch_tokens, progress)
+    model.train(was_training)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # right by total loss, right per token, examples
+    for i, example in enumerate(mine):
+        endings = scored[4 * i : 4 * i + 4]
+        by_total = min(range(4), key=lambda k: endings[k].loss)
+        by_mean = min(range(4), key=lambda k: endings[k].loss / endings[k].tokens)
+        counts += torch.tensor([by_total == example["label"], by_mean == example["label"], 1], device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    right, right_norm, n = counts.tolist()
+    return {"acc": right / n, "acc_norm": right_norm / n, "examples": int(n)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

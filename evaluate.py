@@ -1,0 +1,203 @@
+"""
+Evaluate GPT-2 on HellaSwag, LAMBADA and WikiText perplexity: OpenAI's weights, a Hugging Face folder or a
+train_gpt2.py checkpoint (anything sample.py takes), all with the same code, so that the numbers compare.
+
+  python evaluate.py --init-from gpt2 --task hellaswag              # downloads hellaswag_val.jsonl once
+  python evaluate.py --init-from runs/gpt2-124m/best.pt --task all --out results.json
+  python evaluate.py --init-from gpt2 --task lambada --data ../shared/data/lambada/lambada_test.jsonl
+  python evaluate.py --init-from gpt2 --task wikitext --data wiki.test.raw --stride 512
+  python evaluate.py --init-from gpt2 --task hellaswag --limit 500  # a quick look at the first 500 examples
+
+The protocols (each a completion scored after its context; see completion_losses in train_gpt2.py):
+  hellaswag  the validation set (10,042 examples): the context, then each of four endings after a space. acc picks
+             the ending of lowest total loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2955).
+  lambada    OpenAI's test jsonl (5,153 passages). The last word is the text after the last space; its tokens
+             (" word") are scored after the rest. acc: greedy decoding gives every one of them; perplexity:
+             exp(mean over passages of the word's total loss). The GPT-2 paper gives 45.99% and 35.13 for 124M.
+  wikitext   the test split of raw WikiText (WikiText-2 and -103 share it), as one stream after <|endoftext|>.
+             Windows of block_size tokens advance by --stride; each window scores only the tokens the previous
+             one did not reach, so every token is scored once, with at least block_size - stride tokens of
+             context after the first window. Token-level perplexity, and word-level: the same total loss over
+             the number of whitespace-separated words (the paper's 37.50 / 29.41 are word-level, on detokenized text).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import prepare_data
+from train_gpt2 import (
+    EOT_TOKEN,
+    ArgumentParser,
+    InputError,
+    autocast_for,
+    choose_precision,
+    completion_losses,
+    download,
+    get_tokenizer,
+    hellaswag_examples,
+    hellaswag_file,
+    hellaswag_scores,
+    load_model,
+    pick_device,
+    read_jsonl,
+    run_cli,
+    write_atomically,
+)
+
+TASKS = ("hellaswag", "lambada", "wikitext")
+LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
+WIKITEXT_CONFIG = "wikitext-2-raw-v1"  # its test split is WikiText-103's too, and the download is 30x smaller
+
+
+# --- LAMBADA: the last word of a passage ------------------------------------------------------------------------
+
+
+def lambada_examples(path: str | None) -> list[dict]:
+    if path is None:
+        path = os.path.join("data", "lambada", "lambada_test.jsonl")
+        if not os.path.isfile(path):
+            data = download(LAMBADA_URL, "LAMBADA")
+            write_atomically(path, lambda f: f.write(data))
+    elif not os.path.isfile(path):
+        raise InputError(f"LAMBADA file {path} does not exist")
+    return read_jsonl(path, "LAMBADA", lambda example: isinstance(example["text"], str) and " " in example["text"],
+                      'JSON with a "text" of several words')  # fmt: skip
+
+
+def lambada_pairs(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(context, last word) token ids: the word keeps the space before it, as GPT-2 would see it in running text."""
+    enc = get_tokenizer()
+    pairs = []
+    for example in examples:
+        context, word = example["text"].rsplit(" ", 1)
+        pairs.append((enc.encode_ordinary(context), enc.encode_ordinary(" " + word)))
+    return pairs
+
+
+def lambada_scores(model, examples: list[dict], device: str, autocast, batch_tokens: int, progress: bool) -> dict:
+    scored = completion_losses(model, lambada_pairs(examples), device, autocast, batch_tokens, progress)
+    return {
+        "acc": sum(word.greedy for word in scored) / len(scored),
+        "ppl": math.exp(sum(word.loss for word in scored) / len(scored)),
+        "examples": len(scored),
+    }
+
+
+# --- WikiText: perplexity with a sliding window ---------------------------------------------------------------
+
+
+def wikitext_text(path: str | None) -> str:
+    """A local wiki.test.raw, or the test split from the Hugging Face hub (rows joined back into the raw file)."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise InputError(f"WikiText file {path} does not exist")
+        return prepare_data.read_text(path)
+    return "".join(prepare_data.hub_documents(WIKITEXT_CONFIG, "test")())
+
+
+def sliding_windows(tokens: list[int], block_size: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """(context, completion) pairs that together score tokens[1:] exactly once, each with at most block_size
+    tokens of input. The first window scores all of its tokens; each next one moves its end by stride tokens
+    and scores only those, seeing up to block_size - stride tokens before them."""
+    pairs, scored_to = [], 1  # tokens[1:scored_to] are scored; tokens[0] (<|endoftext|>) is context only
+    while scored_to < len(tokens):
+        end = min(len(tokens), block_size + 1 if scored_to == 1 else scored_to + stride)
+        start = max(0, end - block_size - 1)
+        pairs.append((tokens[start:scored_to], tokens[scored_to:end]))
+        scored_to = end
+    return pairs
+
+
+def wikitext_scores(model, text: str, stride: int, device: str, autocast, batch_tokens: int, progress: bool) -> dict:
+    tokens = [EOT_TOKEN] + get_tokenizer().encode_ordinary(text)
+    windows = sliding_windows(tokens, model.config.block_size, stride)
+    scored = completion_losses(model, windows, device, autocast, batch_tokens, progress)
+    nats, n_tokens, n_words = sum(w.loss for w in scored), sum(w.tokens for w in scored), len(text.split())
+    return {
+        "token_ppl": math.exp(nats / n_tokens),
+        "word_ppl": math.exp(nats / n_words),
+        "tokens": n_tokens,
+        "words": n_words,
+        "stride": stride,
+    }
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(description="Evaluate a GPT-2 model on HellaSwag, LAMBADA and WikiText perplexity.")
+    parser.add_argument("--init-from", default="gpt2",
+                        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained folder, or a checkpoint file")
+    parser.add_argument("--task", default="all", choices=[*TASKS, "all"], help="which benchmark (default: all)")
+    parser.add_argument("--data", default=None,
+                        help="the task's data file (HellaSwag or LAMBADA jsonl, wiki.test.raw) instead of a download")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="only the first N examples (HellaSwag, LAMBADA) or N tokens (WikiText); 0 = all")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="WikiText: tokens between window ends (default: half the block, 512 for GPT-2, so every "
+                             "token after the first window has at least 512 tokens of context)")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass, padding included")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast precision (auto: bf16 or fp16 on a GPU, by its capability; fp32 on a CPU)")
+    parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+    if args.data and args.task == "all":
+        parser.error("--data names one task's file: use it with --task hellaswag, lambada or wikitext")
+    if args.limit < 0:
+        parser.error(f"--limit must be 0 (everything) or positive, got {args.limit}")
+    if (args.stride is not None and args.stride < 1) or args.batch_tokens < 1:
+        parser.error("--stride and --batch-tokens must be positive")
+    return args
+
+
+def run_task(task: str, model, args: argparse.Namespace, device: str, autocast) -> dict:
+    limit = args.limit or None
+    if task == "hellaswag":
+        examples = hellaswag_examples(hellaswag_file(args.data))[:limit]
+        return hellaswag_scores(model, examples, device, autocast, args.batch_tokens, progress=True)
+    if task == "lambada":
+        examples = lambada_examples(args.data)[:limit]
+        return lambada_scores(model, examples, device, autocast, args.batch_tokens, progress=True)
+    stride = args.stride or model.config.block_size // 2
+    if stride > model.config.block_size:
+        raise InputError(f"--stride {stride} is longer than the model's block_size {model.config.block_size}")
+    text = wikitext_text(args.data)
+    if limit:  # about `limit` tokens: cut the text, not the tokens, so that the word count still matches
+        text = get_tokenizer().decode(get_tokenizer().encode_ordinary(text)[:limit])
+    return wikitext_scores(model, text, stride, device, autocast, args.batch_tokens, progress=True)
+
+
+def describe(task: str, scores: dict) -> str:
+    if task == "hellaswag":
+        return f"acc {scores['acc']:.4f} | acc_norm {scores['acc_norm']:.4f} | {scores['examples']:,} examples"
+    if task == "lambada":
+        return f"acc {scores['acc']:.4f} | ppl {scores['ppl']:.2f} | {scores['examples']:,} passages"
+    return (f"token ppl {scores['token_ppl']:.2f} | word ppl {scores['word_ppl']:.2f} | {scores['tokens']:,} tokens, "
+            f"{scores['words']:,} words | stride {scores['stride']}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    precision, why = choose_precision(device, args.dtype)
+    autocast = autocast_for(device, precision)
+    model = load_model(args.init_from, device).eval()
+    print(f"{args.init_from} on {device} | precision {precision} ({why})")
+    results = {"model": args.init_from, "device": device, "precision": precision, "tasks": {}}
+    for task in TASKS if args.task == "all" else (args.task,):
+        t0 = time.perf_counter()
+        scores = run_task(task, model, args, device, autocast)
+        scores["seconds"] = round(time.perf_counter() - t0, 2)
+        results["tasks"][task] = scores
+        print(f"{task:>9}: {describe(task, scores)} | {scores['seconds']:.1f} s", flush=True)
+    if args.out:
+        write_atomically(args.out, lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
+
+
+if __name__ == "__main__":
+    run_cli(main)
