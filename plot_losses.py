@@ -1,5 +1,6 @@
 """
-Plot training runs from their log.jsonl: loss (train and validation), learning rate, gradient norm, throughput.
+Plot training runs from their log.jsonl: loss (train and validation), learning rate, gradient norm, throughput,
+and HellaSwag accuracy for runs trained with --hellaswag-interval.
 
   python plot_losses.py runs/cpu-demo                      # images/cpu-demo_loss.png, _lr.png, _norm.png, _speed.png
   python plot_losses.py runs/a runs/b --name a-vs-b        # two runs overlaid, one colour and legend entry each
@@ -38,6 +39,8 @@ class Run:
     train: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": [], "norm": [], "tok_s": []})
     val_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    hellaswag_steps: list[int] = field(default_factory=list)
+    hellaswag_acc_norm: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # fp16 steps GradScaler skipped for overflowing gradients
     malformed: int = 0
 
@@ -60,6 +63,9 @@ def load_run(run_dir: str) -> Run:
         elif event["split"] == "val" and isinstance(event.get("loss"), (int, float)):
             run.val_steps.append(event["step"])
             run.val_loss.append(float(event["loss"]))
+        elif event["split"] == "hellaswag" and isinstance(event.get("acc_norm"), (int, float)):
+            run.hellaswag_steps.append(event["step"])
+            run.hellaswag_acc_norm.append(float(event["acc_norm"]))
     if not run.train_steps and not run.val_steps:
         problem = "is empty" if not events and not malformed else "has no train or val loss to plot"
         raise InputError(f"{path} {problem}: the run has not logged a step yet")
@@ -86,6 +92,9 @@ def summary(run: Run) -> str:
     for split, steps, values in (("train", run.train_steps, run.train["loss"]), ("val", run.val_steps, run.val_loss)):
         best = lowest(steps, values)
         parts.append(f"min {split} loss {best[0]:.4f} at step {best[1]}" if best else f"no {split} loss")
+    if run.hellaswag_steps:
+        best = max(zip(run.hellaswag_acc_norm, run.hellaswag_steps))
+        parts.append(f"best hellaswag acc_norm {best[0]:.4f} at step {best[1]}")
     if run.skipped_steps:
         parts.append(f"{len(run.skipped_steps)} steps skipped by GradScaler")
     if run.malformed:
@@ -143,6 +152,17 @@ def log_scale(ax):
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
 
 
+def plot_hellaswag(runs: list[Run]) -> Figure:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for run, color in zip(runs, colors()):
+        ax.plot(run.hellaswag_steps, run.hellaswag_acc_norm, color=color, marker="o", markersize=4, label=run.name)
+    ax.axhline(0.25, color="grey", linewidth=0.8, linestyle=":", label="chance (1 in 4)")
+    ax.axhline(0.2955, color="black", linewidth=0.8, linestyle="--", label="GPT-2 124M (OpenAI's weights)")
+    ax.set(title="HellaSwag", xlabel="step (optimizer updates)", ylabel="acc_norm (fraction right)")
+    ax.legend(loc="best")
+    return finish(fig, ax)
+
+
 def colors() -> list[str]:
     return plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
 
@@ -158,14 +178,17 @@ def finish(fig: Figure, ax) -> Figure:
 
 
 def draw(runs: list[Run], weight: float) -> dict[str, Figure]:
-    """Every figure, by the suffix of its file name."""
-    return {
+    """Every figure, by the suffix of its file name; HellaSwag's only for runs that evaluated it."""
+    figures = {
         "loss": plot_loss(runs, weight),
         "lr": plot_train_column(runs, "lr", "Learning rate", "learning rate", log=False),
         "norm": plot_train_column(runs, "norm", "Gradient norm (before clipping)", "global L2 norm (log scale)",
                                   log=True),  # fmt: skip
         "speed": plot_train_column(runs, "tok_s", "Throughput", "tokens per second (all processes)", log=False),
     }
+    if any(run.hellaswag_steps for run in runs):
+        figures["hellaswag"] = plot_hellaswag(runs)
+    return figures
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

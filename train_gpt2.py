@@ -998,6 +998,7 @@ def setup_distributed() -> tuple[int, int, int]:
 #   {"split": "train", "loss", "lr", "norm", "ms", "tok_s", "skipped"}   after every optimizer step
 #   {"split": "val", "loss"}                                             every --eval-interval steps
 #   {"split": "sample", "text"}                                          every --sample-interval steps
+#   {"split": "hellaswag", "acc", "acc_norm", "examples"}                every --hellaswag-interval steps
 LOG_NAME = "log.jsonl"
 
 
@@ -1310,6 +1311,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     parser.add_argument("--eval-interval", type=int, default=250, help="steps between validation losses")
     parser.add_argument("--eval-steps", type=int, default=20, help="validation batches per evaluation (all processes)")
     parser.add_argument("--sample-interval", type=int, default=1000, help="steps between text samples (0 = never)")
+    parser.add_argument("--hellaswag-interval", type=int, default=0,
+                        help="steps between HellaSwag accuracies (0 = never; the validation set is downloaded once)")
+    parser.add_argument("--hellaswag-data", default=None, help="HellaSwag jsonl to use instead of the download")
+    parser.add_argument("--hellaswag-limit", type=int, default=0,
+                        help="HellaSwag: only the first N examples (0 = all 10,042), for quicker evaluations")
     parser.add_argument("--ckpt-interval", type=int, default=1000, help="steps between checkpoints (0 = at the end)")
     parser.add_argument("--keep-last", type=int, default=3, help="periodic checkpoints kept (best.pt is kept apart)")
     parser.add_argument("--patience", type=int, default=10,
@@ -1329,7 +1335,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay"):
+    for name in ("warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay",
+                 "hellaswag_interval", "hellaswag_limit"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
@@ -1443,6 +1450,9 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     # data first: a missing or too small data folder is found before any model is built
     train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
     val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
+    hellaswag = None
+    if args.hellaswag_interval:
+        hellaswag = hellaswag_examples(hellaswag_file(args.hellaswag_data))[: args.hellaswag_limit or None]
     if world_size > 1:
         dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
     os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
@@ -1532,6 +1542,13 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                     f"(best {best_val_loss:.4f}); best.pt holds the best model")  # fmt: skip
                 save(checkpoint_path(args.run_dir, step), step)
                 break
+        if hellaswag and (last or step % args.hellaswag_interval == 0):
+            # the uncompiled model: every batch has its own length, which would make torch.compile recompile
+            scores = hellaswag_scores(raw_model, hellaswag, device, autocast)
+            say(f"step {step}/{args.max_steps} | hellaswag acc_norm {scores['acc_norm']:.4f} | acc {scores['acc']:.4f} "
+                f"| {scores['examples']:,} examples")  # fmt: skip
+            if master:
+                log_event(args.run_dir, step=step, split="hellaswag", **scores)
         if master and args.sample_interval and (last or step % args.sample_interval == 0):
             raw_model.eval()
             with autocast():

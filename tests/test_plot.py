@@ -108,3 +108,15 @@ def test_bad_smoothing_weight_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot_losses.main([str(run), "--smooth", "1"])
     assert exit_info.value.code != 0 and "--smooth must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_runs_trained_with_hellaswag_get_its_plot_and_best_accuracy(tmp_path, capsys):
+    events = synthetic_events()
+    events += [{"step": step, "split": "hellaswag", "acc": 0.26, "acc_norm": norm, "examples": 100}
+               for step, norm in ((0, 0.25), (20, 0.27), (40, 0.31), (59, 0.29))]  # fmt: skip
+    run = write_log(tmp_path / "hs", events)
+    plot_losses.main([str(run), "--out", str(tmp_path / "images")])
+    assert "best hellaswag acc_norm 0.3100 at step 40" in capsys.readouterr().out
+    assert (tmp_path / "images" / "hs_hellaswag.png").stat().st_size > 10_000
+    plain = plot_losses.load_run(str(write_log(tmp_path / "plain", synthetic_events())))
+    assert "hellaswag" not in plot_losses.draw([plain], weight=0.9)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_data import make_text, write_files
+from test_evaluate import hellaswag_fixture
 
 import prepare_data
 import train_gpt2
@@ -174,9 +175,12 @@ def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
+def logged_events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
 def logged_losses(run_dir: Path) -> list[tuple]:
-    events = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
-    return [(e["step"], e["split"], e["loss"]) for e in events if e["split"] in ("train", "val")]
+    return [(e["step"], e["split"], e["loss"]) for e in logged_events(run_dir) if e["split"] in ("train", "val")]
 
 
 def test_tiny_run_on_real_text_learns_logs_checkpoints_and_samples(tmp_path):
@@ -232,8 +236,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_dat
 
 
 def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_path, small_data):
+    hellaswag_fixture(tmp_path / "hellaswag.jsonl", n=7)  # 4 examples on one process, 3 on the other
     settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "6", "--eval-interval", "3",
-                "--sample-interval", "0", "--ckpt-interval", "0"]  # fmt: skip
+                "--sample-interval", "0", "--ckpt-interval", "0", "--hellaswag-interval", "3",
+                "--hellaswag-data", str(tmp_path / "hellaswag.jsonl")]  # fmt: skip
     single = run_train(*settings, "--run-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -247,6 +253,10 @@ def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_
     assert [e[:2] for e in one] == [e[:2] for e in two]
     for (_, _, a), (_, _, b) in zip(one, two):
         assert b == pytest.approx(a, rel=1e-5)  # the same tokens, summed in another order
+    hellaswag = [[e for e in logged_events(tmp_path / name) if e["split"] == "hellaswag"] for name in ("one", "two")]
+    assert [e["step"] for e in hellaswag[0]] == [0, 3, 6] and all(e["examples"] == 7 for e in hellaswag[1])
+    assert [e["acc_norm"] for e in hellaswag[0]] == [e["acc_norm"] for e in hellaswag[1]]  # counts summed over ranks
+    assert "hellaswag acc_norm" in single.stdout
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, small_data, monkeypatch, capsys):
@@ -294,6 +304,8 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
         (["--resume"], "holds no checkpoint (ckpt_NNNNNN.pt) to continue from"),
         (["--data-dir", "NOWHERE"], "does not exist: run prepare_data.py first"),
+        (["--hellaswag-interval", "5", "--hellaswag-data", "NOWHERE"], "HellaSwag file"),
+        (["--hellaswag-interval", "-1"], "--hellaswag-interval must not be negative"),
         (["--data-dir", "NO_VAL"], "holds no val shards"),
         (["--batch-size", "64", "--seq-len", "64", "--total-batch-size", "4096"], "but one batch needs 4,097"),
     ],
