@@ -5,6 +5,7 @@ Every performance figure gpt2-lite states, measured here: side by side, in one r
   python bench.py generate              # generate() against transformers' generate(), GPT-2 124M
   python bench.py data                  # prepare_data against build-nanogpt's fineweb.py; the loader's cost
   python bench.py train                 # a training step against transformers' GPT2LMHeadModel, fp32 and bf16
+  python bench.py eval                  # evaluate.py's scoring, batched, against transformers one example at a time
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -30,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+import evaluate
 import prepare_data
 import train_gpt2
 from train_gpt2 import (
@@ -38,6 +40,8 @@ from train_gpt2 import (
     ArgumentParser,
     DataLoader,
     GPTConfig,
+    InputError,
+    completion_losses,
     get_tokenizer,
     pick_device,
     run_cli,
@@ -325,7 +329,88 @@ def training_steps(config: GPTConfig, B: int, T: int, precision: str, compiled: 
     return ours, theirs
 
 
-BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train}
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate.py: examples per second, batched, against transformers one example at a time
+
+
+def eval_tasks() -> tuple[dict[str, list[tuple[list[int], list[int]]]], str]:
+    """(context, completion) pairs per task, from real text where ../shared/data has it: HellaSwag-shaped examples
+    (a context, then four endings; HellaSwag itself is not stored here) made of consecutive Tiny Shakespeare
+    lines, LAMBADA's first 400 passages, and WikiText-2 validation text cut into windows of 256 with stride 128."""
+    enc = get_tokenizer()
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
+    if not shared.is_dir():
+        raise InputError("the evaluation benchmark reads ../shared/data (WikiText-2, Tiny Shakespeare, LAMBADA)")
+    lines = [line for line in (shared / "tinyshakespeare" / "input.txt").read_text().splitlines() if line.strip()]
+    hellaswag = []
+    for i in range(0, 5 * 300, 5):  # 300 examples of 4 endings
+        context = enc.encode_ordinary(lines[i] + " " + lines[i + 1])
+        hellaswag += [(context, enc.encode_ordinary(" " + lines[i + 2 + k % 3] + " " + str(k))) for k in range(4)]
+    passages = [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").open()][:400]
+    lambada = evaluate.lambada_pairs([{"text": text} for text in passages])
+    wiki = [EOT_TOKEN] + enc.encode_ordinary((shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000])
+    wikitext = evaluate.sliding_windows(wiki, 256, 128)
+    return {"hellaswag": hellaswag, "lambada": lambada, "wikitext": wikitext}, (
+        "HellaSwag-shaped: 300 examples x 4 endings of Tiny Shakespeare lines; LAMBADA: 400 passages; "
+        f"WikiText-2 valid: {len(wiki) - 1:,} tokens in {len(wikitext)} windows")
+
+
+def bench_eval(args: argparse.Namespace):
+    """Every task's scoring with the small model: ours in token-budget batches, transformers one example (the four
+    endings of a HellaSwag example, a LAMBADA passage, a WikiText window) per forward pass."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    device = args.device
+    tasks, what = eval_tasks()
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=50257)
+    torch.manual_seed(0)
+    hf_model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=256)).to(device).eval()
+    model = GPT(config)
+    model.load_hf_state_dict(hf_model.state_dict())
+    model.to(device).eval()
+    print(f"\n## evaluate.py: examples per second, small model (4 x 128 wide, block 256), ours batched against "
+          f"transformers one example at a time ({machine_line(device)})\n")
+    print(f"{what}.\n")
+    print("| task | examples | gpt2-lite | transformers | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for task, pairs in tasks.items():
+        per_example = 4 if task == "hellaswag" else 1  # pairs that make one example
+        results = {}
+
+        def ours():
+            results["ours"] = [c.loss for c in completion_losses(model, pairs, device)]
+
+        def theirs():
+            examples = [pairs[i : i + per_example] for i in range(0, len(pairs), per_example)]
+            results["theirs"] = [loss for example in examples for loss in hf_example_losses(hf_model, example, device)]
+
+        seconds = race({"ours": ours, "theirs": theirs}, args.repeats, device)
+        np.testing.assert_allclose(results["ours"], results["theirs"], rtol=1e-3)  # the same computation
+        n = len(pairs) // per_example
+        rate = {name: n / statistics.median(times) for name, times in seconds.items()}
+        print(f"| {task} | {n:,} | {rate['ours']:,.1f} | {rate['theirs']:,.1f} "
+              f"| **{median_ratio(seconds['theirs'], seconds['ours']):.2f}x** |", flush=True)
+    print(f"\nexamples per second; median of {args.repeats} alternating rounds after a warm-up.")
+
+
+@torch.no_grad()
+def hf_example_losses(hf_model, pairs: list[tuple[list[int], list[int]]], device: str) -> list[float]:
+    """The plain way (build-nanogpt's HellaSwag loop): one padded forward pass for one example's rows, the loss
+    of each row's completion tokens summed."""
+    rows = [(context + completion)[-257:] for context, completion in pairs]
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)  # where a completion token is predicted
+    for i, ((_, completion), row) in enumerate(zip(pairs, rows)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, len(row) - len(completion) : len(row)] = True
+    ids, mask = ids.to(device), mask.to(device)
+    logits = hf_model(ids[:, :-1]).logits  # (rows, width - 1, V)
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return (losses * mask[:, 1:]).sum(dim=1).tolist()
+
+
+BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval}
 
 
 def main(argv: list[str] | None = None):

@@ -221,6 +221,21 @@ class GPT(nn.Module):
         With a cache, positions continue from what the cache holds, and only the last position's logits are
         computed, (B, 1, V): that is all generation needs, and it saves most of the lm_head's work on a prompt.
         """
+        x = self.hidden_states(idx, cache)  # (B, T, C)
+        if cache is not None:
+            x = x[:, -1:, :]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        # Training differentiates the loss, never the logits: hand them back detached. An output that needs a
+        # gradient makes torch.compile's backward start from a materialised zero gradient of its full size
+        # (B x T x 50,304 floats: 412 MB at 8 x 256), which costs ~10% of a small model's compiled step on a CPU.
+        return logits.detach(), loss
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last LayerNorm's output, (B, T, C): what lm_head turns into logits. Evaluation calls it directly, to
+        run lm_head (most of a small model's work) only on the positions it scores."""
         B, T = idx.size()
         start = 0 if cache is None else cache.length
         if start > 0 and T > 1:  # the causal mask of scaled_dot_product_attention assumes a block from position 0
@@ -232,18 +247,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache.layer(i))
-        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T
-            x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        # Training differentiates the loss, never the logits: hand them back detached. An output that needs a
-        # gradient makes torch.compile's backward start from a materialised zero gradient of its full size
-        # (B x T x 50,304 floats: 412 MB at 8 x 256), which costs ~10% of a small model's compiled step on a CPU.
-        return logits.detach(), loss
+        return self.transformer.ln_f(x)
 
     # --- OpenAI's weights, through Hugging Face -----------------------------------------------------------------
 
@@ -1096,23 +1102,25 @@ def completion_losses(model: GPT, pairs: list[tuple[list[int], list[int]]], devi
         if not 1 <= len(completion) <= block_size:
             raise ValueError(f"a completion must have 1 to block_size = {block_size} tokens, not {len(completion)}")
         rows.append(((context + completion)[-(block_size + 1) :], len(completion)))
-    results = []
+    # shortest first: rows of similar length share a batch, so little of it is padding
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    results = {}
     with tqdm(total=len(rows), unit="seq", disable=not progress, leave=False) as bar:
-        for batch in token_batches(rows, batch_tokens):
-            results += score_batch(model, batch, device, autocast)
+        for batch in token_batches(order, [len(tokens) for tokens, _ in rows], batch_tokens):
+            results.update(zip(batch, score_batch(model, [rows[i] for i in batch], device, autocast)))
             bar.update(len(batch))
-    return results
+    return [results[i] for i in range(len(rows))]
 
 
-def token_batches(rows: list[tuple[list[int], int]], batch_tokens: int) -> Iterator[list[tuple[list[int], int]]]:
-    """Consecutive rows, as many per batch as fit in batch_tokens once padded to the batch's longest row."""
+def token_batches(order: list[int], lengths: list[int], batch_tokens: int) -> Iterator[list[int]]:
+    """The indices in `order`, cut into batches that fit batch_tokens once padded to the batch's longest row."""
     batch, longest = [], 0
-    for row in rows:
-        if batch and (len(batch) + 1) * max(longest, len(row)) > batch_tokens:
+    for i in order:
+        if batch and (len(batch) + 1) * max(longest, lengths[i]) > batch_tokens:
             yield batch
             batch, longest = [], 0
-        batch.append(row)
-        longest = max(longest, len(row))
+        batch.append(i)
+        longest = max(longest, lengths[i])
     if batch:
         yield batch
 
@@ -1125,13 +1133,14 @@ def score_batch(model: GPT, batch: list[tuple[list[int], int]], device: str, aut
         x[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
         y[i, len(tokens) - 1 - n : len(tokens) - 1] = torch.tensor(tokens[-n:])
     x, y = x.to(device), y.to(device)
-    with autocast():
-        logits, _ = model(x)  # (B, T, V)
     scored = y >= 0  # (B, T)
-    row = scored.nonzero()[:, 0]  # (S,) the row of each scored position
-    picked = logits[scored][:, :GPT2_VOCAB_SIZE].float()  # (S, 50257): the scored positions only, in fp32
+    with autocast():
+        # lm_head on the scored positions only: for LAMBADA a few of a passage's ~80, and it is most of the work
+        logits = model.lm_head(model.hidden_states(x)[scored])  # (S, V)
+    picked = logits[:, :GPT2_VOCAB_SIZE].float()  # (S, 50257): the padded vocabulary rows are not tokens
     nll = F.cross_entropy(picked, y[scored], reduction="none")  # (S,)
     wrong = (picked.argmax(dim=-1) != y[scored]).float()  # (S,)
+    row = scored.nonzero()[:, 0]  # (S,) the row of each scored position
     loss = torch.zeros(len(batch), device=device).index_add_(0, row, nll)  # (B,)
     misses = torch.zeros(len(batch), device=device).index_add_(0, row, wrong)  # (B,)
     counts = scored.sum(dim=1)

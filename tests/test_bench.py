@@ -52,3 +52,18 @@ def test_train_benchmark_steps_both_models_on_the_same_weights():
                                   "fp32", False, "cpu", GPT2Config, GPT2LMHeadModel)  # fmt: skip
     ours()
     theirs()
+
+
+def test_eval_benchmark_reference_scores_what_evaluate_scores():
+    """The one-example-at-a-time transformers loop the eval benchmark races against computes our numbers."""
+    from bench import hf_example_losses
+    from conftest import random_hf_model, tiny_config
+    from train_gpt2 import GPT, completion_losses
+
+    hf = random_hf_model(tiny_config(vocab_size=50257, block_size=256), init_std=0.2)
+    ours = GPT(tiny_config(vocab_size=50257, block_size=256))
+    ours.load_hf_state_dict(hf.state_dict())
+    pairs = [([5, 6, 7], [8, 9]), ([1] * 30, [2]), ([3, 4], [5, 6, 7, 8])]
+    expected = [c.loss for c in completion_losses(ours.eval(), pairs, "cpu")]
+    assert hf_example_losses(hf, pairs, "cpu") == pytest.approx(expected, rel=1e-4)  # one padded batch
+    assert hf_example_losses(hf, pairs[1:2], "cpu") == pytest.approx(expected[1:2], rel=1e-4)
