@@ -9,7 +9,8 @@ What this file holds, in reading order:
   5. Data       llm.c's token-shard format, and the loader that streams (B, T) batches from it
   6. Training   the seed's steps 3-11, one function each: mixed precision, compile, flash attention, AdamW and
                 clipping, the learning-rate schedule, gradient accumulation, DDP, checkpoints that resume exactly
-  7. main()     the training run, and the command-line plumbing every sibling script shares
+  7. Evaluation how likely the model finds a completion: HellaSwag here, LAMBADA and WikiText in evaluate.py
+  8. main()     the training run, and the command-line plumbing every sibling script shares
 
 Commands a reader will type:
   python prepare_data.py                                   # WikiText-103 -> data/wikitext-103 (token shards)
@@ -18,6 +19,8 @@ Commands a reader will type:
   torchrun --standalone --nproc_per_node=8 train_gpt2.py   # 8 GPUs with DDP
   python train_gpt2.py --init-from gpt2 --max-lr 6e-5      # fine-tune OpenAI's weights
   python sample.py --init-from gpt2 --prompt "Hello World ! I'm LLM" --num-samples 5 --max-new-tokens 32
+  python evaluate.py --init-from gpt2 --task all           # HellaSwag, LAMBADA, WikiText perplexity
+  python plot_losses.py runs/gpt2-124m                     # the run's loss, lr, norm, speed as PNGs
   python -m pytest tests -q
 
 In Python:
