@@ -30,15 +30,16 @@ import time
 import prepare_data
 from train_gpt2 import (
     EOT_TOKEN,
+    HELLASWAG_CACHE,
+    HELLASWAG_URL,
     ArgumentParser,
     InputError,
     autocast_for,
     choose_precision,
     completion_losses,
-    download,
+    data_file,
     get_tokenizer,
     hellaswag_examples,
-    hellaswag_file,
     hellaswag_scores,
     load_model,
     pick_device,
@@ -56,13 +57,7 @@ WIKITEXT_CONFIG = "wikitext-2-raw-v1"  # its test split is WikiText-103's too, a
 
 
 def lambada_examples(path: str | None) -> list[dict]:
-    if path is None:
-        path = os.path.join("data", "lambada", "lambada_test.jsonl")
-        if not os.path.isfile(path):
-            data = download(LAMBADA_URL, "LAMBADA")
-            write_atomically(path, lambda f: f.write(data))
-    elif not os.path.isfile(path):
-        raise InputError(f"LAMBADA file {path} does not exist")
+    path = data_file(path, LAMBADA_URL, "LAMBADA", os.path.join("data", "lambada", "lambada_test.jsonl"))
     return read_jsonl(path, "LAMBADA", lambda example: isinstance(example["text"], str) and " " in example["text"],
                       'JSON with a "text" of several words')  # fmt: skip
 
@@ -158,7 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_task(task: str, model, args: argparse.Namespace, device: str, autocast) -> dict:
     limit = args.limit or None
     if task == "hellaswag":
-        examples = hellaswag_examples(hellaswag_file(args.data))[:limit]
+        examples = hellaswag_examples(data_file(args.data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE))[:limit]
         return hellaswag_scores(model, examples, device, autocast, args.batch_tokens, progress=True)
     if task == "lambada":
         examples = lambada_examples(args.data)[:limit]

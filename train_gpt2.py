@@ -1082,6 +1082,7 @@ def set_rng_states(states: dict, device: str):
 # here so that training can run it (--hellaswag-interval); evaluate.py adds LAMBADA and WikiText perplexity.
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_CACHE = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")  # where a download is kept
 
 
 class Completion(NamedTuple):
@@ -1150,28 +1151,23 @@ def score_batch(model: GPT, batch: list[tuple[list[int], int]], device: str, aut
     return [Completion(nats, n, m == 0) for nats, n, m in zip(loss.tolist(), counts.tolist(), misses.tolist())]
 
 
-def hellaswag_file(path: str | None, cache_dir: str = os.path.join("data", "hellaswag")) -> str:
-    """The given HellaSwag jsonl, or the validation set downloaded once into cache_dir."""
+def data_file(path: str | None, url: str, what: str, cache_path: str) -> str:
+    """The file the user gave, or url's file, downloaded once to cache_path (atomically: never half a file)."""
     if path:
         if not os.path.isfile(path):
-            raise InputError(f"HellaSwag file {path} does not exist")
+            raise InputError(f"{what} file {path} does not exist")
         return path
-    target = os.path.join(cache_dir, "hellaswag_val.jsonl")
-    if not os.path.isfile(target):
-        data = download(HELLASWAG_URL, "HellaSwag")
-        write_atomically(target, lambda f: f.write(data))
-    return target
+    if not os.path.isfile(cache_path):
+        import urllib.request
 
-
-def download(url: str, what: str) -> bytes:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return response.read()
-    except OSError as e:
-        raise InputError(f"cannot download {what} from {url} ({first_line(e)}; no network?): download it "
-                         "elsewhere and pass the file with --data") from None  # fmt: skip
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+        except OSError as e:
+            raise InputError(f"cannot download {what} from {url} ({first_line(e)}; no network?): download it "
+                             "elsewhere and pass the file with --data") from None  # fmt: skip
+        write_atomically(cache_path, lambda f: f.write(data))
+    return cache_path
 
 
 def read_jsonl(path: str, what: str, valid: Callable[[dict], bool], expected: str) -> list[dict]:
@@ -1222,12 +1218,12 @@ def hellaswag_scores(model: GPT, examples: list[dict], device: str, autocast=Non
     model.eval()
     scored = completion_losses(model, pairs, device, autocast, batch_tokens, progress)
     model.train(was_training)
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # right by total loss, right per token, examples
+    right = right_norm = 0  # right by total loss, right by loss per token
     for i, example in enumerate(mine):
         endings = scored[4 * i : 4 * i + 4]
-        by_total = min(range(4), key=lambda k: endings[k].loss)
-        by_mean = min(range(4), key=lambda k: endings[k].loss / endings[k].tokens)
-        counts += torch.tensor([by_total == example["label"], by_mean == example["label"], 1], device=device)
+        right += min(range(4), key=lambda k: endings[k].loss) == example["label"]
+        right_norm += min(range(4), key=lambda k: endings[k].loss / endings[k].tokens) == example["label"]
+    counts = torch.tensor([right, right_norm, len(mine)], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(counts)
     right, right_norm, n = counts.tolist()
@@ -1464,7 +1460,8 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
     hellaswag = None
     if args.hellaswag_interval:
-        hellaswag = hellaswag_examples(hellaswag_file(args.hellaswag_data))[: args.hellaswag_limit or None]
+        path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE)
+        hellaswag = hellaswag_examples(path)[: args.hellaswag_limit or None]
     if world_size > 1:
         dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
     os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
