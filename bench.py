@@ -397,7 +397,8 @@ def bench_eval(args: argparse.Namespace):
 def hf_example_losses(hf_model, pairs: list[tuple[list[int], list[int]]], device: str) -> list[float]:
     """The plain way (build-nanogpt's HellaSwag loop): one padded forward pass for one example's rows, the loss
     of each row's completion tokens summed."""
-    rows = [(context + completion)[-257:] for context, completion in pairs]
+    longest = hf_model.config.n_positions + 1  # block_size inputs, and the last token as a target
+    rows = [(context + completion)[-longest:] for context, completion in pairs]
     width = max(map(len, rows))
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)  # where a completion token is predicted

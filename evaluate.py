@@ -163,7 +163,8 @@ def run_task(task: str, model, args: argparse.Namespace, device: str, autocast) 
         raise InputError(f"--stride {stride} is longer than the model's block_size {model.config.block_size}")
     text = wikitext_text(args.data)
     if limit:  # about `limit` tokens: cut the text, not the tokens, so that the word count still matches
-        text = get_tokenizer().decode(get_tokenizer().encode_ordinary(text)[:limit])
+        enc = get_tokenizer()
+        text = enc.decode(enc.encode_ordinary(text)[:limit])
     return wikitext_scores(model, text, stride, device, autocast, args.batch_tokens, progress=True)
 
 

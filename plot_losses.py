@@ -83,8 +83,8 @@ def smooth(values: list[float], weight: float) -> list[float]:
 
 def lowest(steps: list[int], values: list[float]) -> tuple[float, int] | None:
     """(lowest finite value, its step), or None when there is none."""
-    finite = [(value, step) for step, value in zip(steps, values) if math.isfinite(value)]
-    return min(finite) if finite else None
+    steps, values = finite_points(steps, values)
+    return min(zip(values, steps)) if values else None
 
 
 def summary(run: Run) -> str:
