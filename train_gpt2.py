@@ -7,7 +7,7 @@ What this file holds, in reading order:
   3. Weights    OpenAI's GPT-2 in through Hugging Face transformers, and back out
   4. Tokenizer  tiktoken's "gpt2" encoding, with an offline fallback
   5. Data       llm.c's token-shard format, and the loader that streams (B, T) batches from it
-  6. Training   the seed's steps 3-11, one function each: mixed precision, compile, flash attention, AdamW and
+  6. Training   the seed's steps 3-11, one function each: mixed precision, compile, fused attention, AdamW and
                 clipping, the learning-rate schedule, gradient accumulation, DDP, checkpoints that resume exactly
   7. Evaluation how likely the model finds a completion: HellaSwag here, LAMBADA and WikiText in evaluate.py
   8. main()     the training run, and the command-line plumbing every sibling script shares
@@ -60,6 +60,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.torch_version import TorchVersion
 from tqdm import tqdm
 
 
@@ -129,7 +130,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv.keys[:, :, :end], kv.values[:, :, :end]  # (B, nh, end, hs)
         # T > 1 only happens for a block that starts at position 0 (training, or the first fill of the cache),
         # where the causal mask is exactly right; a single new token may see every key before it, so no mask.
-        # On a GPU this is flash attention: the (T, T) attention matrix is never written to memory.
+        # On a GPU the (T, T) attention matrix is never written to memory: PyTorch runs its flash kernel from
+        # compute capability 8.0 (A100, RTX 30xx/40xx, H100) and its memory-efficient kernel below that (T4, V100).
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
         )  # (B, nh, T, hs)
@@ -864,10 +866,17 @@ def choose_precision(device: str, requested: str) -> tuple[str, str]:
     is only emulated, and slower than fp32.
     """
     device_type = torch.device(device).type
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if requested == "bf16" and major < 8:
+            # Inductor's kernels for it do not even compile there (ptxas: bf16 requires sm_80), and SDPA falls back
+            # to its slowest, unfused kernel
+            name = torch.cuda.get_device_name(device)
+            raise InputError(f"--dtype bf16 needs compute capability 8.0, and this {name} has {major}.{minor} "
+                             "(bf16 would only be emulated): use --dtype fp16, or auto")  # fmt: skip
     if requested != "auto":
         return requested, "as --dtype asked"
     if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:
             return "bf16", f"compute capability {major}.{minor}: bf16 tensor cores, no loss scaling needed"
         return "fp16", f"compute capability {major}.{minor}: no bf16 tensor cores, so fp16 with a GradScaler"
@@ -896,7 +905,8 @@ def accumulate_gradients(model: nn.Module, loader: DataLoader, grad_accum_steps:
         x, y = loader.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = micro_step == grad_accum_steps - 1
-        no_sync = model.no_sync if isinstance(model, DDP) and not last else contextlib.nullcontext
+        # DDP's no_sync, also through torch.compile's wrapper (which hands attribute lookups to the module inside)
+        no_sync = getattr(model, "no_sync", contextlib.nullcontext) if not last else contextlib.nullcontext
         with no_sync():
             with autocast():
                 _, loss = model(x, y)
@@ -955,37 +965,80 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> int:
     return 6 * n_params + 12 * config.n_layer * config.n_embd * seq_len
 
 
-# Dense tensor-core peaks in TFLOPS from the vendors' data sheets, for (bf16 or fp16, fp32). fp32 counts TF32
-# where the card has it (we switch TF32 matmuls on). Consumer cards accumulate fp16/bf16 in fp32 at half rate.
+# Dense (not "with sparsity") tensor-core peaks in TFLOPS, (bf16 or fp16, tf32 or fp32), keyed by the exact name
+# torch.cuda.get_device_name() reports, so that an L40S is not taken for an L4 nor an H100 PCIe for an H100 SXM.
+# fp32 counts TF32 where the card has it (the run switches TF32 matmuls on). GeForce cards are listed at their
+# rate with fp32 accumulation, the one autocast uses: half their headline fp16 rate. Any other card's peak is
+# measured (an RTX 4080 SUPER or Laptop GPU, say: no NVIDIA data sheet or whitepaper gives their tensor rates).
 GPU_PEAK_TFLOPS = {
-    "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "A10G": (70.0, 35.0),
-    "L4": (121.0, 60.0), "RTX 4090": (165.2, 82.6), "RTX 4080": (97.5, 48.7), "RTX 3090": (71.0, 35.6),
-    "V100": (125.0, 15.7), "T4": (65.0, 8.1),
+    "Tesla T4": (65.0, 8.1),  # T4 data sheet (no TF32: fp32 on CUDA cores)
+    "Tesla V100-SXM2-16GB": (125.0, 15.7), "Tesla V100-SXM2-32GB": (125.0, 15.7),  # V100 data sheet
+    "Tesla V100-PCIE-16GB": (112.0, 14.0), "Tesla V100-PCIE-32GB": (112.0, 14.0),
+    "NVIDIA A100-SXM4-40GB": (312.0, 156.0), "NVIDIA A100-SXM4-80GB": (312.0, 156.0),  # A100 data sheet
+    "NVIDIA A100-PCIE-40GB": (312.0, 156.0), "NVIDIA A100 80GB PCIe": (312.0, 156.0),
+    "NVIDIA A10": (125.0, 62.5),  # A10 data sheet
+    "NVIDIA A10G": (70.0, 35.0),  # AWS's A10G data sheet (NVIDIA publishes none)
+    "NVIDIA L4": (121.0, 60.0), "NVIDIA L40": (181.0, 90.5), "NVIDIA L40S": (362.0, 183.0),  # their data sheets
+    "NVIDIA H100 80GB HBM3": (989.0, 494.0),  # H100 data sheet: the SXM card
+    "NVIDIA H100 PCIe": (756.0, 378.0), "NVIDIA H100 NVL": (835.0, 417.5),
+    "NVIDIA H200": (989.0, 494.0), "NVIDIA H200 NVL": (835.0, 417.5),  # H200 data sheet
+    "NVIDIA GeForce RTX 3090": (71.0, 35.6), "NVIDIA RTX A6000": (154.8, 77.4),  # NVIDIA Ampere GA102 whitepaper
+    "NVIDIA GeForce RTX 4090": (165.2, 82.6), "NVIDIA GeForce RTX 4080": (97.5, 48.7),  # NVIDIA Ada whitepaper
+    "NVIDIA RTX 6000 Ada Generation": (364.2, 91.1),
 }  # fmt: skip
 
 
+def datasheet_peak_flops(device_name: str, precision: str) -> float | None:
+    """FLOP/s of the data-sheet peak for a GPU named exactly so, in this precision; None for a card not listed."""
+    if device_name not in GPU_PEAK_TFLOPS:
+        return None
+    half, single = GPU_PEAK_TFLOPS[device_name]
+    return (single if precision == "fp32" else half) * 1e12
+
+
 def peak_flops(device: str, precision: str) -> tuple[float, str]:
-    """FLOP/s that 100% MFU means here: a data-sheet peak for known GPUs, else a short matmul measured now."""
+    """FLOP/s that 100% MFU means here: a data-sheet peak for known GPUs, else the best matmul rate measured now."""
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, (half, single) in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return (single if precision == "fp32" else half) * 1e12, f"{name} data-sheet peak"
-    return measure_matmul_flops(device, PRECISIONS[precision]), "measured matmul peak"
+        peak = datasheet_peak_flops(name, precision)
+        if peak is not None:
+            return peak, f"{name} data-sheet peak"
+    return measure_matmul_flops(device, PRECISIONS[precision]), f"measured {precision} matmul peak"
 
 
-def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
-    # constant operands: the values do not change the speed, and the global RNG must stay untouched
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
-    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
-    a @ b  # warm-up
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+def measure_matmul_flops(device: str, dtype: torch.dtype) -> float:
+    """The best rate of square matmuls on this device in this dtype. Sizes grow until one product takes a tenth of
+    a second (from 4096 on a GPU, which smaller products leave partly idle), each is warmed up and then timed a few
+    times, and the fastest counts: a slow moment of the machine must not pass for the peak, or MFU tops 100%."""
+    cuda = torch.device(device).type == "cuda"
+    best = 0.0
+    for n in (4096, 8192) if cuda else (512, 1024, 2048):
+        # constant operands: the values do not change the speed, and the global RNG must stay untouched
+        a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+        b = torch.full((n, n), 0.25, device=device, dtype=dtype)
+        seconds = min(matmul_seconds(a, b, cuda) for _ in range(4))  # the first of four timings also warms up
+        best = max(best, 2 * n**3 / seconds)
+        if seconds > 0.1:
+            break
+    if cuda:
+        torch.cuda.empty_cache()  # hand the operands' memory back to the run
+    return best
+
+
+def matmul_seconds(a: torch.Tensor, b: torch.Tensor, cuda: bool, calls: int = 5) -> float:
+    """Seconds per product a @ b. On a GPU timed with CUDA events around `calls` products queued back to back:
+    the GPU's own clock, no pause for the host between them."""
+    if not cuda:
+        start = time.perf_counter()
         a @ b
-        calls += 1
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-    return 2 * n**3 * calls / (time.perf_counter() - start)
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        a @ b
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1000 / calls  # elapsed_time is in milliseconds
 
 
 def setup_distributed() -> tuple[int, int, int]:
@@ -993,11 +1046,16 @@ def setup_distributed() -> tuple[int, int, int]:
     gloo between CPU processes. A plain `python train_gpt2.py` is rank 0 of 1."""
     if "RANK" not in os.environ:
         return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "nccl":
+    if not torch.cuda.is_available():
+        dist.init_process_group(backend="gloo")
+    else:
+        # Bind this process to its GPU before NCCL starts, or its first collective guesses the device (by rank,
+        # which is wrong across nodes or with a remapped CUDA_VISIBLE_DEVICES). device_id also tells NCCL up front;
+        # before torch 2.7.1 passing it could hang collectives at random (pytorch/pytorch#153960).
         torch.cuda.set_device(local_rank)
+        bind = {"device_id": torch.device("cuda", local_rank)} if TorchVersion(torch.__version__) >= "2.7.1" else {}
+        dist.init_process_group(backend="nccl", **bind)
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
@@ -1054,6 +1112,44 @@ def step_checkpoints(run_dir: str) -> list[str]:
     return sorted(os.path.join(run_dir, n) for n in names if re.fullmatch(r"ckpt_\d{6}\.pt", n))
 
 
+def latest_checkpoint(run_dir: str, say: Callable[..., None]) -> tuple[dict | None, str | None]:
+    """The newest of the run's checkpoints that loads, and its path; (None, None) when the run has none yet.
+
+    Read on the CPU: RNG states must stay CPU tensors, the optimizer's load_state_dict moves its state to the
+    parameters' device itself, and a GPU copy of the whole checkpoint would sit in memory for the entire run.
+    A checkpoint that does not load (cut short by a full disk or a dead machine) is skipped, and left in place.
+    """
+    paths = step_checkpoints(run_dir)
+    problems = []
+    for path in reversed(paths):
+        try:
+            return load_checkpoint(path), path
+        except InputError as e:
+            say(f"--resume: skipping {e}; the file is left as it is")
+            problems.append(str(e))
+    if paths:
+        raise InputError(f"--resume: none of the {len(paths)} checkpoints in {run_dir} loads ({problems[0]})")
+    return None, None
+
+
+def resume_hint(run_dir: str) -> str:
+    """What `--resume` would do with this run directory now: for the line that ends an interrupted run."""
+    checkpoints = step_checkpoints(run_dir)
+    if not checkpoints:
+        return f"{run_dir} holds no checkpoint yet, so --resume starts the run again from step 0"
+    step = int(os.path.basename(checkpoints[-1])[len("ckpt_") : -len(".pt")])
+    return f"--resume continues the run from step {step} ({checkpoints[-1]})"
+
+
+def remove_checkpoint(path: str):
+    """Delete a checkpoint that rotation drops. On a mounted Google Drive (Colab) a deleted file goes to Drive's
+    trash and counts against the 15 GB quota for 30 days: twenty rotations of a 1.5 GB checkpoint fill it. Emptied
+    first, the file goes to the trash at 0 bytes. Not if another hard link shares its data: that copy is someone's."""
+    if os.stat(path).st_nlink == 1:
+        os.truncate(path, 0)
+    os.remove(path)
+
+
 def rng_states(device: str) -> dict:
     """Every random state training touches (dropout draws from torch's), in types weights_only loading accepts."""
     version, keys, pos, has_gauss, cached = np.random.get_state()
@@ -1066,11 +1162,12 @@ def rng_states(device: str) -> dict:
 
 
 def set_rng_states(states: dict, device: str):
-    torch.set_rng_state(states["torch"])
+    # torch wants RNG states as CPU byte tensors, whatever device a checkpoint was mapped to
+    torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] is not None and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
     keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(("MT19937", keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(states["python"]), None))
 
 
@@ -1267,10 +1364,9 @@ def run_cli(main, argv: list[str] | None = None):
         if not quiet:
             print(f"{script}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: files are written atomically, so nothing is left half-written
+    except KeyboardInterrupt as e:  # Ctrl-C: files are written atomically, so nothing is left half-written
         if not quiet:
-            print(f"{script}: interrupted (a training run continues with --resume from its last checkpoint)",
-                  file=sys.stderr)  # fmt: skip
+            print(f"{script}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
 
 
@@ -1310,7 +1406,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
                         help="tokens per optimizer step (4 x 1024 x 16 accumulation steps)")
     # optimization
     parser.add_argument("--max-steps", type=int, default=40000, help="optimizer steps")
-    parser.add_argument("--warmup-steps", type=int, default=2000, help="linear warmup steps (5%%, the seed's ratio)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="linear warmup steps (default: 5%% of --max-steps, the seed's ratio, at most 2,000)")
     parser.add_argument("--max-lr", type=float, default=6e-4, help="peak learning rate")
     parser.add_argument("--min-lr", type=float, default=6e-5, help="final learning rate of the cosine decay")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -1345,7 +1442,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay",
                  "hellaswag_interval", "hellaswag_limit"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
@@ -1354,7 +1451,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
 
 def check_schedule(args: argparse.Namespace):
     """Settings that must agree with each other; checked once a resumed run's own settings are back in place."""
-    if args.warmup_steps >= args.max_steps:
+    if args.warmup_steps is None:  # resolved once: a resumed run keeps the warmup it started with
+        args.warmup_steps = min(2000, args.max_steps // 20)
+    elif args.warmup_steps >= args.max_steps:
         raise InputError(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
     if not 0 < args.min_lr <= args.max_lr:
         raise InputError(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
@@ -1387,22 +1486,52 @@ def build_model(args: argparse.Namespace, given: set[str], checkpoint: dict | No
     return model
 
 
-def compile_model(model: GPT, args: argparse.Namespace, device: str, autocast, say) -> nn.Module:
-    """torch.compile fuses the model's small operations into few kernels (the seed's step 5: 1.5x per step).
-    It compiles at the first call, so make that call now, on a throwaway batch: if compiling fails (no C++
-    compiler, an unsupported GPU, Windows), say why and train uncompiled."""
+def wrap_model(raw_model: GPT, args: argparse.Namespace, device: str, autocast, use_compile: bool,
+               say) -> tuple[nn.Module, bool]:  # fmt: skip
+    """The module the loop trains and evaluates, and whether it is compiled: DDP around the model when several
+    processes train, then torch.compile around that. In this order Dynamo sees DDP and cuts the graph at its
+    gradient buckets, so that each bucket's all-reduce overlaps the rest of backward; compiled first, one graph
+    would hold the whole backward and every all-reduce would wait for its end.
+
+    torch.compile fuses the model's small operations into few kernels (the seed's step 5: 1.5x per step). It
+    compiles at the first call of each kind, so make those calls now on a throwaway batch, a training step and an
+    evaluation: if compiling fails (no C++ compiler, an unsupported GPU, Windows), say why and train uncompiled.
+    """
+    model = raw_model
+    if dist.is_initialized():
+        model = DDP(raw_model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
+    if not use_compile:
+        return model, False
     compiled = torch.compile(model)
-    x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    x = torch.randint(0, raw_model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    error = compile_error(compiled, model, x, autocast)
+    failed = torch.tensor(float(error is not None), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # compiled on every process, or on none
+    if failed.item():
+        say(f"torch.compile failed ({error or 'on another process'}): training uncompiled")
+        return model, False
+    return compiled, True
+
+
+def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, autocast) -> str | None:
+    """Call the compiled model on x (B, T) as training and evaluation will: None if both compile, else the error."""
+    # no all-reduce: a process whose compile fails must not leave the others waiting for its gradients
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     try:
-        with autocast():
-            _, loss = compiled(x, x)
-        loss.backward()
+        with no_sync():
+            with autocast():
+                _, loss = compiled(x, x)
+            loss.backward()
+        model.eval()
+        with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
+            compiled(x, x)
     except Exception as e:  # torch._dynamo / inductor raise many kinds
-        say(f"torch.compile failed ({first_line(e)}): training uncompiled")
-        return model
+        return first_line(e)
     finally:
+        model.train()
         model.zero_grad(set_to_none=True)
-    return compiled
+    return None
 
 
 def main(argv: list[str] | None = None):
@@ -1410,6 +1539,8 @@ def main(argv: list[str] | None = None):
     rank, local_rank, world_size = setup_distributed()
     try:
         train(args, given, rank, local_rank, world_size)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(args.run_dir)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1431,15 +1562,13 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     device_type = torch.device(device).type
 
     # the run directory: continue it (--resume) or start it, never overwrite someone's run
-    checkpoint = None
+    checkpoint, last_checkpoint = None, None
     if args.resume:
-        checkpoints = step_checkpoints(args.run_dir)
-        if not checkpoints:
-            raise InputError(f"--resume: {args.run_dir} holds no checkpoint (ckpt_NNNNNN.pt) to continue from")
-        checkpoint = load_checkpoint(checkpoints[-1], map_location=device)
-        saved = checkpoint.get("args", {})
-        for name, value in saved.items():  # the run's own settings, except what this command line changes
-            if name not in given and name not in ("resume", "device"):
+        checkpoint, last_checkpoint = latest_checkpoint(args.run_dir, say)
+        if checkpoint is None:  # so one command serves a run's first start and every restart
+            say(f"--resume: {args.run_dir} holds no checkpoint yet: starting the run at step 0")
+        for name, value in (checkpoint or {}).get("args", {}).items():
+            if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
                 setattr(args, name, value)
     elif step_checkpoints(args.run_dir):
         raise InputError(f"{args.run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
@@ -1447,6 +1576,7 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
         # a run that died before its first checkpoint (a Colab disconnect, say): nothing to continue, so start over
         say(f"{args.run_dir} holds a log but no checkpoint: starting that run again from step 0")
     check_schedule(args)
+    precision, why = choose_precision(device, args.dtype)
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise InputError(
@@ -1462,14 +1592,13 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     if args.hellaswag_interval:
         path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE)
         hellaswag = hellaswag_examples(path)[: args.hellaswag_limit or None]
-    if world_size > 1:
-        dist.barrier()  # every process has looked at the run directory before rank 0 writes into it
+    if world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
+        dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
     os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
 
     torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
     model = build_model(args, given, checkpoint).to(device)
     raw_model = model  # the module itself: what checkpoints save and generate() runs on
-    precision, why = choose_precision(device, args.dtype)
     autocast = autocast_for(device, precision)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
     if device_type == "cuda":
@@ -1477,23 +1606,21 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
         torch.backends.cudnn.allow_tf32 = True
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
     use_compile = device_type == "cuda" if args.compile is None else args.compile
-    if use_compile:
-        model = compile_model(raw_model, args, device, autocast, say)
-        use_compile = model is not raw_model  # False when compiling failed
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    model, use_compile = wrap_model(raw_model, args, device, autocast, use_compile, say)
 
     torch.manual_seed(args.seed + rank)  # dropout differs between processes
     start_step, best_val_loss, evals_without_improvement = 0, float("inf"), 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        optimizer.load_state_dict(checkpoint["optimizer"])  # onto the parameters' device
+        if checkpoint["scaler"]:  # empty when it was saved disabled: a run moved from bf16 or fp32 to fp16
+            scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["train_loader"])
         start_step = checkpoint["step"]
         best_val_loss = checkpoint["best_val_loss"]
         evals_without_improvement = checkpoint["evals_without_improvement"]
         if len(checkpoint["rng"]) == world_size:
             set_rng_states(checkpoint["rng"][rank], device)
+        checkpoint = None  # the weights and optimizer state are in place: free the host memory they took
     if master:
         truncate_log(args.run_dir, start_step)
 
@@ -1511,8 +1638,9 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
     say(f"device {device} x {world_size} process(es) | precision {precision} ({why}) | compile {use_compile} | "
         f"fused AdamW {bool(optimizer.defaults.get('fused'))}")
     say(f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} process(es) "
-        f"x {grad_accum_steps} accumulation steps | mfu against the {peak_source}, {peak / 1e12:,.1f} TFLOP/s")
-    say(f"{'resuming at' if checkpoint else 'starting at'} step {start_step} of {args.max_steps} in {args.run_dir}")
+        f"x {grad_accum_steps} accumulation steps | mfu against the {peak_source}, {peak / 1e12:.3g} TFLOP/s")
+    say(f"resuming at step {start_step} of {args.max_steps} from {last_checkpoint}" if last_checkpoint else
+        f"starting at step 0 of {args.max_steps} in {args.run_dir}")  # fmt: skip
 
     def save(path: str, step: int):
         """All the state a run needs to continue exactly; every process must call it (RNG states are gathered)."""
@@ -1525,19 +1653,17 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
                             args=vars(args), train_loader=train_loader.state_dict(), best_val_loss=best_val_loss,
                             evals_without_improvement=evals_without_improvement, rng=rng)  # fmt: skip
 
-    last_checkpoint = checkpoint and step_checkpoints(args.run_dir)[-1]
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
         # checkpoint first, then evaluate: a run resumed here repeats this step's evaluation exactly
         if step > start_step and (last or args.ckpt_interval and step % args.ckpt_interval == 0):
+            save(checkpoint_path(args.run_dir, step), step)
             last_checkpoint = checkpoint_path(args.run_dir, step)
-            save(last_checkpoint, step)
             if master:
                 for old in step_checkpoints(args.run_dir)[: -args.keep_last]:
-                    os.remove(old)
+                    remove_checkpoint(old)
         if last or step % args.eval_interval == 0:
-            val_loss = estimate_loss(model.module if world_size > 1 else model, val_loader, args.eval_steps,
-                                     autocast, device)  # fmt: skip
+            val_loss = estimate_loss(model, val_loader, args.eval_steps, autocast, device)
             improved = val_loss < best_val_loss
             best_val_loss, evals_without_improvement = (val_loss, 0) if improved else (
                 best_val_loss, evals_without_improvement + 1)  # fmt: skip

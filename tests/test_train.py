@@ -6,6 +6,7 @@ python -m pytest tests/test_train.py -q
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import signal
@@ -302,7 +303,6 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--min-lr", "1e-2"], "--min-lr 0.01 must be positive and at most --max-lr"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
-        (["--resume"], "holds no checkpoint (ckpt_NNNNNN.pt) to continue from"),
         (["--data-dir", "NOWHERE"], "does not exist: run prepare_data.py first"),
         (["--hellaswag-interval", "5", "--hellaswag-data", "NOWHERE"], "HellaSwag file"),
         (["--hellaswag-interval", "-1"], "--hellaswag-interval must not be negative"),
@@ -332,9 +332,9 @@ def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_existing_on
     assert run_train(*args).returncode == 0
     again = run_train(*args)
     assert again.returncode == 1 and "already holds a run: pass --resume" in again.stderr
-    missing = run_train("--resume", "--run-dir", str(tmp_path / "never-made"))
-    assert missing.returncode == 1 and "holds no checkpoint" in missing.stderr
-    assert not (tmp_path / "never-made").exists()
+    missing = run_train("--resume", "--run-dir", str(tmp_path / "never-made"), "--data-dir", str(tmp_path / "no-data"))
+    assert missing.returncode == 1 and "no-data does not exist" in missing.stderr
+    assert not (tmp_path / "never-made").exists(), "a refused run creates nothing, --resume or not"
     other = run_train("--resume", "--run-dir", str(run), "--n-layer", "3")
     assert other.returncode == 1
     assert "--n-layer 3 differs from the checkpoint being resumed's 2" in other.stderr
@@ -369,19 +369,51 @@ def test_a_failing_compile_is_explained_and_training_goes_on(tmp_path, small_dat
     assert "compile False" in out and "step 3/4 | loss" in out
 
 
-@pytest.mark.parametrize(
-    "name, capability, precision",
-    [("Tesla T4", (7, 5), "fp16"), ("NVIDIA GeForce RTX 4080", (8, 9), "bf16"),
-     ("NVIDIA H100 80GB HBM3", (9, 0), "bf16"), ("Tesla V100-SXM2-16GB", (7, 0), "fp16")],
-)  # fmt: skip
-def test_precision_and_mfu_peak_follow_the_card(monkeypatch, name, capability, precision):
+def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says so too: not trusted
+
+
+@pytest.mark.parametrize(
+    "name, capability, precision, tflops",
+    [("Tesla T4", (7, 5), "fp16", 65.0), ("NVIDIA GeForce RTX 4080", (8, 9), "bf16", 97.5),
+     ("NVIDIA H100 80GB HBM3", (9, 0), "bf16", 989.0), ("Tesla V100-SXM2-16GB", (7, 0), "fp16", 125.0)],
+)  # fmt: skip
+def test_precision_and_mfu_peak_follow_the_card(monkeypatch, name, capability, precision, tflops):
+    fake_gpu(monkeypatch, name, capability)
     assert choose_precision("cuda", "auto")[0] == precision
-    peak, source = train_gpt2.peak_flops("cuda", precision)
-    half, _ = next(v for k, v in train_gpt2.GPU_PEAK_TFLOPS.items() if k in name)
-    assert peak == half * 1e12 and source == f"{name} data-sheet peak"
+    assert train_gpt2.peak_flops("cuda", precision) == (tflops * 1e12, f"{name} data-sheet peak")
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+     ("NVIDIA GeForce RTX 4080", 97.5), ("NVIDIA A10G", 70.0), ("NVIDIA A10", 125.0),
+     # names that contain a listed name but are another card: measured, not taken for it
+     ("NVIDIA RTX A1000", None), ("NVIDIA GeForce RTX 4080 SUPER", None), ("NVIDIA GeForce RTX 4080 Laptop GPU", None),
+     ("NVIDIA H100", None), ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", None)],
+)  # fmt: skip
+def test_the_peak_table_matches_exact_card_names(name, tflops):
+    assert train_gpt2.datasheet_peak_flops(name, "bf16") == (None if tflops is None else tflops * 1e12)
+
+
+def test_an_unlisted_card_gets_a_measured_peak(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4080 SUPER", (8, 9))
+    measured = {torch.bfloat16: 123e12}
+    monkeypatch.setattr(train_gpt2, "measure_matmul_flops", lambda device, dtype: measured[dtype])
+    assert train_gpt2.peak_flops("cuda", "bf16") == (123e12, "measured bf16 matmul peak")
+
+
+def test_bf16_is_refused_below_compute_capability_8(monkeypatch):
+    fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    with pytest.raises(InputError, match=r"--dtype bf16 needs compute capability 8.0, and this Tesla T4 has 7.5 .*"
+                                         r"use --dtype fp16"):  # fmt: skip
+        choose_precision("cuda", "bf16")
+    assert choose_precision("cuda", "fp16") == ("fp16", "as --dtype asked")
+    fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4080", (8, 9))
+    assert choose_precision("cuda", "bf16") == ("bf16", "as --dtype asked")
 
 
 def test_flops_per_token_is_6n_plus_attention():
@@ -405,9 +437,9 @@ def test_ctrl_c_ends_a_run_with_one_line_and_resume_continues_it(tmp_path, small
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines() == [
-        "train_gpt2.py: interrupted (a training run continues with --resume from its last checkpoint)"
-    ]
+    (line,) = stderr.strip().splitlines()
+    match = re.fullmatch(r"train_gpt2.py: interrupted: --resume continues the run from step (\d+) \((.*)\)", line)
+    assert match and Path(match[2]) == run / f"ckpt_{int(match[1]):06d}.pt" and Path(match[2]).is_file(), line
     resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "8")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout and "step 7/8 | loss" in resumed.stdout
@@ -428,3 +460,127 @@ def test_init_from_a_checkpoint_starts_where_that_model_left_off(tmp_path, small
     refused = run_train(*common, "--run-dir", str(tmp_path / "other"), "--max-steps", "4", "--n-layer", "3",
                         "--init-from", str(tmp_path / "first" / "ckpt_000020.pt"))  # fmt: skip
     assert refused.returncode == 1 and "--n-layer 3 differs from" in refused.stderr
+
+
+# --- resuming: on the CPU, across precisions, before the first checkpoint, past a damaged one -------------------
+
+
+def tiny_run_args(data: Path, run: Path, max_steps: int, *extra: str) -> list[str]:
+    return [*TINY_RUN, "--data-dir", str(data), "--run-dir", str(run), "--max-steps", str(max_steps),
+            "--eval-interval", "2", "--ckpt-interval", "2", "--sample-interval", "0", *extra]  # fmt: skip
+
+
+def test_a_resume_reads_its_checkpoint_on_the_cpu(tmp_path, small_data, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train_gpt2.main(tiny_run_args(small_data, run, 4))
+    mapped_to = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        mapped_to.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    # cpu:0 stands in for cuda:0, which a checkpoint mapped to the run's device would turn its RNG states into
+    train_gpt2.main(["--resume", "--run-dir", str(run), "--max-steps", "6", "--device", "cpu:0"])
+    assert "resuming at step 4 of 6" in capsys.readouterr().out
+    assert mapped_to == ["cpu"]
+
+
+@pytest.mark.parametrize("first, then", [("fp32", "fp16"), ("fp16", "fp32")])
+def test_a_run_resumes_in_another_precision(tmp_path, small_data, capsys, first, then):
+    """A Colab run moves between a T4 (fp16 + GradScaler) and an L4 or A100 (bf16, no scaler): a disabled
+    GradScaler saves an empty state, which an enabled one must not be asked to load."""
+    run = tmp_path / "run"
+    train_gpt2.main(tiny_run_args(small_data, run, 4, "--dtype", first))
+    assert bool(torch.load(run / "ckpt_000004.pt", weights_only=True)["scaler"]) == (first == "fp16")
+    capsys.readouterr()
+    train_gpt2.main(["--resume", "--run-dir", str(run), "--max-steps", "6", "--dtype", then])
+    out = capsys.readouterr().out
+    assert f"precision {then} (as --dtype asked)" in out and "resuming at step 4 of 6" in out
+    assert [e[:2] for e in logged_losses(run) if e[0] >= 4] == [(4, "val"), (4, "train"), (5, "train"), (6, "val")]
+    assert all(math.isfinite(e[2]) for e in logged_losses(run))
+
+
+def test_resume_starts_a_run_that_has_no_checkpoint_yet_and_loses_nothing_when_killed_before_one(
+    tmp_path, small_data
+):
+    """--resume serves a run's first start and every restart: killed before its first checkpoint and started again
+    with the same command, a run logs what one never stopped logs."""
+    settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "30", "--eval-interval", "10",
+                "--ckpt-interval", "0", "--sample-interval", "0", "--dropout", "0.1", "--resume"]  # fmt: skip
+    straight = run_train(*settings, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    assert "holds no checkpoint yet: starting the run at step 0" in straight.stdout
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "train_gpt2.py", *settings, "--run-dir", str(killed)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = killed / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count('"train"') >= 5) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list(killed.glob("*.pt")), "the run wrote a checkpoint before it could be killed"
+
+    again = run_train(*settings, "--run-dir", str(killed))
+    assert again.returncode == 0, again.stderr
+    assert logged_losses(killed) == logged_losses(tmp_path / "straight")
+
+
+def test_resume_skips_a_damaged_latest_checkpoint_and_keeps_it(tmp_path, small_data, capsys):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train_gpt2.main(tiny_run_args(small_data, straight, 6))
+    train_gpt2.main(tiny_run_args(small_data, run, 4))
+    damaged = run / "ckpt_000004.pt"
+    damaged.write_bytes(damaged.read_bytes()[:5000])  # cut short, as by a full disk
+    capsys.readouterr()
+    train_gpt2.main(["--resume", "--run-dir", str(run), "--max-steps", "6", "--ckpt-interval", "5"])
+    out = capsys.readouterr().out
+    assert re.search(r"--resume: skipping .*ckpt_000004.pt is not a readable gpt2-lite checkpoint \(.*\); the file "
+                     r"is left as it is", out)  # fmt: skip
+    assert f"resuming at step 2 of 6 from {run / 'ckpt_000002.pt'}" in out
+    assert damaged.stat().st_size == 5000, "the skipped file is kept"
+    assert logged_losses(run) == logged_losses(straight)  # steps 2 and 3 again, exactly as before
+
+    for path in run.glob("ckpt_*.pt"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"--resume: none of the 3 checkpoints in .* loads \(.*ckpt_000006.pt is not"):
+        train_gpt2.main(["--resume", "--run-dir", str(run), "--max-steps", "8"])
+
+
+def test_the_line_after_ctrl_c_says_where_a_resume_would_start(tmp_path):
+    assert train_gpt2.resume_hint(str(tmp_path)) == (
+        f"{tmp_path} holds no checkpoint yet, so --resume starts the run again from step 0"
+    )
+    (tmp_path / "ckpt_000250.pt").write_bytes(b"")
+    (tmp_path / "ckpt_000500.pt").write_bytes(b"")
+    assert train_gpt2.resume_hint(str(tmp_path)) == (
+        f"--resume continues the run from step 500 ({tmp_path / 'ckpt_000500.pt'})"
+    )
+
+
+def test_rotation_empties_a_checkpoint_before_deleting_it_unless_it_has_another_link(tmp_path):
+    """On a mounted Google Drive a deleted file lingers in the trash at full size; an emptied one does not."""
+    alone, linked = tmp_path / "ckpt_000001.pt", tmp_path / "ckpt_000002.pt"
+    alone.write_bytes(b"x" * 1000)
+    linked.write_bytes(b"y" * 1000)
+    os.link(linked, tmp_path / "kept-by-the-user.pt")
+    with open(alone, "rb") as still_open:  # what the trash would keep: the file's data after the delete
+        train_gpt2.remove_checkpoint(str(alone))
+        assert os.fstat(still_open.fileno()).st_size == 0
+    train_gpt2.remove_checkpoint(str(linked))
+    assert not alone.exists() and not linked.exists()
+    assert (tmp_path / "kept-by-the-user.pt").read_bytes() == b"y" * 1000
+
+
+@pytest.mark.parametrize(
+    "argv, warmup",
+    [([], 2000), (["--max-steps", "100"], 5), (["--max-steps", "100000"], 2000), (["--max-steps", "10"], 0),
+     (["--max-steps", "100", "--warmup-steps", "50"], 50)],
+)  # fmt: skip
+def test_warmup_defaults_to_5_percent_of_the_steps_capped_at_2000(argv, warmup):
+    args, _ = train_gpt2.parse_args(argv)
+    train_gpt2.check_schedule(args)
+    assert args.warmup_steps == warmup
