@@ -1503,8 +1503,9 @@ def wrap_model(raw_model: GPT, args: argparse.Namespace, device: str, autocast, 
     if not use_compile:
         return model, False
     compiled = torch.compile(model)
-    x = torch.randint(0, raw_model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
-    error = compile_error(compiled, model, x, autocast)
+    # inputs and targets as two tensors: one tensor passed as both would be guarded on, and recompiled for later
+    x, y = torch.randint(0, raw_model.config.vocab_size, (2, args.batch_size, args.seq_len), device=device)
+    error = compile_error(compiled, model, x, y, autocast)
     failed = torch.tensor(float(error is not None), device=device)
     if dist.is_initialized():
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # compiled on every process, or on none
@@ -1514,18 +1515,19 @@ def wrap_model(raw_model: GPT, args: argparse.Namespace, device: str, autocast, 
     return compiled, True
 
 
-def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, autocast) -> str | None:
-    """Call the compiled model on x (B, T) as training and evaluation will: None if both compile, else the error."""
+def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> str | None:
+    """Call the compiled model on a batch x, y (B, T) as training and evaluation will: None if both compile, else
+    the error."""
     # no all-reduce: a process whose compile fails must not leave the others waiting for its gradients
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     try:
         with no_sync():
             with autocast():
-                _, loss = compiled(x, x)
+                _, loss = compiled(x, y)
             loss.backward()
         model.eval()
         with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
-            compiled(x, x)
+            compiled(x, y)
     except Exception as e:  # torch._dynamo / inductor raise many kinds
         return first_line(e)
     finally:

@@ -584,3 +584,86 @@ def test_warmup_defaults_to_5_percent_of_the_steps_capped_at_2000(argv, warmup):
     args, _ = train_gpt2.parse_args(argv)
     train_gpt2.check_schedule(args)
     assert args.warmup_steps == warmup
+
+
+# --- torch.compile and DDP --------------------------------------------------------------------------------------
+
+
+def counting_compile(monkeypatch) -> list[bool]:
+    """torch.compile with a backend that runs the traced graph as it is (no C++ compiler needed) and records, for
+    each graph it is given, whether DDP's forward was running: Dynamo's DDP optimisation only happens then."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    compiled_inside_ddp = []
+
+    def backend(graph_module, example_inputs):
+        compiled_inside_ddp.append(DDP._get_active_ddp_module() is not None)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=backend))
+    return compiled_inside_ddp
+
+
+def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_path, small_data, monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    compiled_inside_ddp = counting_compile(monkeypatch)
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        args, _ = train_gpt2.parse_args(["--batch-size", "2", "--seq-len", "16", "--dropout", "0.1"])
+        raw = GPT(tiny_config(vocab_size=50304, dropout=0.1))
+        model, compiled = train_gpt2.wrap_model(raw, args, "cpu", contextlib.nullcontext, True, print)
+        assert compiled and isinstance(model._orig_mod, DDP) and model._orig_mod.module is raw
+        assert len(compiled_inside_ddp) >= 2 and all(compiled_inside_ddp), "train and eval graphs, inside DDP"
+        assert all(p.grad is None for p in raw.parameters()), "the throwaway batch leaves no gradient behind"
+        graphs = len(compiled_inside_ddp)
+
+        # what the loop then does compiles nothing more: an evaluation, then a training step
+        val_loader = train_gpt2.DataLoader(str(small_data), "val", 2, 16)
+        train_gpt2.estimate_loss(model, val_loader, 2, contextlib.nullcontext, "cpu")
+        train_loader = train_gpt2.DataLoader(str(small_data), "train", 2, 16)
+        accumulate_gradients(model, train_loader, 2, contextlib.nullcontext, no_scaler(), "cpu")
+        assert len(compiled_inside_ddp) == graphs
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
+def test_a_compile_that_fails_only_for_evaluation_falls_back_before_training(tmp_path, small_data, monkeypatch,
+                                                                              capsys):  # fmt: skip
+    real_compile = torch.compile
+
+    def compile_without_an_eval_graph(model):
+        compiled = real_compile(model, backend="eager")
+
+        def call(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                raise RuntimeError("BackendCompilerFailed: no eval graph")
+            return compiled(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_without_an_eval_graph)
+    train_gpt2.main(tiny_run_args(small_data, tmp_path / "run", 4, "--compile"))
+    out = capsys.readouterr().out
+    assert "torch.compile failed (BackendCompilerFailed: no eval graph): training uncompiled" in out
+    assert "compile False" in out and "step 4/4 | val loss" in out
+    torch._dynamo.reset()
+
+
+def test_mfu_on_a_cpu_stays_below_100_percent_at_the_cpu_demo_shapes(tmp_path, capsys):
+    """The measured peak is warm, large enough and the run's dtype: no step can look faster than the machine."""
+    text = write_files(tmp_path / "text", {"text.txt": make_text(6000, seed=0)})
+    prepare_data.main(["--input", *text, "--val-fraction", "0.2", "--out-dir", str(tmp_path / "data"),
+                       "--num-proc", "1"])  # fmt: skip
+    train_gpt2.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                     "--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block-size", "128", "--batch-size", "8",
+                     "--seq-len", "128", "--total-batch-size", "1024", "--max-steps", "6", "--eval-interval", "6",
+                     "--eval-steps", "1", "--sample-interval", "0", "--ckpt-interval", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"mfu against the measured fp32 matmul peak, [\d.]+ TFLOP/s", out)
+    mfu = [int(m) for m in re.findall(r"\| mfu (\d+)%", out)]
+    assert len(mfu) == 6 and all(0 < m < 100 for m in mfu), mfu
