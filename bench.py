@@ -6,6 +6,7 @@ Every performance figure gpt2-lite states, measured here: side by side, in one r
   python bench.py data                  # prepare_data against build-nanogpt's fineweb.py; the loader's cost
   python bench.py train                 # a training step against transformers' GPT2LMHeadModel, fp32 and bf16
   python bench.py eval                  # evaluate.py's scoring, batched, against transformers one example at a time
+  python bench.py gpu                   # 124M training steps on a CUDA GPU: eager/compiled, fused/math attention
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -411,7 +412,106 @@ def hf_example_losses(hf_model, pairs: list[tuple[list[int], list[int]]], device
     return (losses * mask[:, 1:]).sum(dim=1).tolist()
 
 
-BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval}
+# ----------------------------------------------------------------------------------------------------------------
+# gpu: GPT-2 124M training steps on a CUDA GPU, at the settings people run, and what each speed-up buys
+
+
+class RepeatedBatch:
+    """A stand-in for DataLoader: the same (x, y) batch, already on the device, every time (speed does not depend
+    on which tokens a batch holds, and reading shards is not what this measures)."""
+
+    def __init__(self, vocab_size: int, B: int, T: int, device: str):
+        tokens = torch.randint(0, vocab_size, (B, T + 1), device=device)
+        self.batch = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+
+def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int, precision: str,
+                       device: str) -> dict[str, Callable[[], None]]:  # fmt: skip
+    """One optimizer step of train_gpt2.py's own code (accumulation, GradScaler, clipping, fused AdamW) on one
+    model, three ways: eager, compiled, and eager with the unfused math attention kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, torch.device(device).type)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+    autocast = train_gpt2.autocast_for(device, precision)
+    batches = RepeatedBatch(config.vocab_size, B, T, device)
+    grad_accum_steps = total_batch_size // (B * T)
+    compiled = torch.compile(model)
+
+    def step_of(module: torch.nn.Module, attention=contextlib.nullcontext) -> Callable[[], None]:
+        def step():
+            with attention():
+                train_gpt2.accumulate_gradients(module, batches, grad_accum_steps, autocast, scaler, device)
+                train_gpt2.step_optimizer(module, optimizer, scaler, 6e-4, 1.0)
+
+        return step
+
+    return {"eager": step_of(model), "compiled": step_of(compiled),
+            "eager, math attention": step_of(model, lambda: sdpa_kernel(SDPBackend.MATH))}  # fmt: skip
+
+
+def bench_gpu(args: argparse.Namespace):
+    """ms per step, tokens/s, MFU and peak memory of 124M training steps of 65,536 tokens: the seed's T4 setting
+    (micro batch 4 x 1,024, fp16 with a GradScaler) and 16 x 1,024 in bf16, each eager, compiled, and with the
+    math attention kernel instead of the fused one (flash from compute capability 8.0, memory-efficient below)."""
+    if not torch.cuda.is_available():
+        print("\n## gpu: skipped, this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+        return
+    device = "cuda" if args.device == "cpu" else args.device
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train_gpt2.py sets them
+    torch.backends.cudnn.allow_tf32 = True
+    major, minor = torch.cuda.get_device_capability(device)
+    fused = "flash" if major >= 8 else "memory-efficient"
+    config = GPTConfig(vocab_size=50304)
+    flops = train_gpt2.flops_per_token(config, 1024)
+    settings = [(4, "fp16"), (16, "bf16")]  # the seed's T4 setting; a large card's
+    peaks = {precision: train_gpt2.peak_flops(device, precision) for _, precision in settings}
+    print(f"\n## gpu: GPT-2 124M training steps of 65,536 tokens ({machine_line(device)}, compute capability "
+          f"{major}.{minor}: fused attention is the {fused} kernel; MFU against the {peaks['fp16'][1]})\n")
+    print("| micro batch | precision | mode | ms/step | tokens/s | MFU | peak memory | vs eager |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for B, precision in settings:
+        if precision == "bf16" and major < 8:
+            print(f"| {B} x 1024 | bf16 | - | needs compute capability 8.0 | | | | |")
+            continue
+        try:
+            seconds, peak_memory = time_gpu_steps(config, B, precision, device, args.repeats)
+        except torch.cuda.OutOfMemoryError:
+            print(f"| {B} x 1024 | {precision} | - | does not fit in this card's memory | | | | |")
+            continue
+        finally:  # the next setting starts with the memory free and nothing compiled
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        peak = peaks[precision][0]
+        for name, times in seconds.items():
+            tokens_per_s = 65536 / statistics.median(times)
+            print(f"| {B} x 1024 | {precision} | {name} | {statistics.median(times) * 1000:,.0f} | {tokens_per_s:,.0f} "
+                  f"| {flops * tokens_per_s / peak:.0%} | {peak_memory[name] / 2**30:.1f} GiB "
+                  f"| {median_ratio(seconds['eager'], times):.2f}x |", flush=True)  # fmt: skip
+    print(f"\nmedian of {args.repeats} alternating rounds after a warm-up step (and compilation) for each. Goal on "
+          "an H100: 16 x 1024 bf16 compiled at 470,000 tokens/s or more (llm.c's rate per GPU).")
+
+
+def time_gpu_steps(config: GPTConfig, B: int, precision: str, device: str,
+                   repeats: int) -> tuple[dict[str, list[float]], dict[str, int]]:  # fmt: skip
+    """Seconds per step of each way (raced), and the peak memory each allocates in one more step of its own."""
+    steps = gpu_training_steps(config, B, 1024, 65536, precision, device)
+    seconds = race(steps, repeats, device)
+    peak_memory = {}
+    for name, step in steps.items():
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        peak_memory[name] = torch.cuda.max_memory_allocated(device)
+    return seconds, peak_memory
+
+
+BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval,
+              "gpu": bench_gpu}
 
 
 def main(argv: list[str] | None = None):

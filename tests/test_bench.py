@@ -67,3 +67,20 @@ def test_eval_benchmark_reference_scores_what_evaluate_scores():
     expected = [c.loss for c in completion_losses(ours.eval(), pairs, "cpu")]
     assert hf_example_losses(hf, pairs, "cpu") == pytest.approx(expected, rel=1e-4)  # one padded batch
     assert hf_example_losses(hf, pairs[1:2], "cpu") == pytest.approx(expected[1:2], rel=1e-4)
+
+
+def test_gpu_benchmark_skips_without_a_gpu_and_steps_with_the_training_code(capsys, monkeypatch):
+    """`python bench.py gpu` says it has nothing to measure on a CPU; its steps (train_gpt2.py's accumulation,
+    GradScaler, clipping and AdamW, eager and with the math attention kernel) run on any device."""
+    from bench import gpu_training_steps
+    from train_gpt2 import GPTConfig
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    main(["gpu"])
+    assert "gpu: skipped, this machine has no CUDA GPU" in capsys.readouterr().out
+
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    steps = gpu_training_steps(config, 2, 16, 64, "fp16", "cpu")  # 2 accumulation steps, with a GradScaler
+    assert set(steps) == {"eager", "compiled", "eager, math attention"}
+    steps["eager"]()
+    steps["eager, math attention"]()

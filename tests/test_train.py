@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -176,6 +177,21 @@ def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
+def interrupt_when(ready: Callable[[], bool], argv: list[str], sig: int = signal.SIGKILL) -> subprocess.Popen:
+    """Start `train_gpt2.py argv`, and send it sig as soon as ready() holds (SIGKILL: a power cut, an out-of-memory
+    kill). Returns the process, already ended for SIGKILL; for another signal, its stderr is to be read."""
+    stderr = subprocess.DEVNULL if sig == signal.SIGKILL else subprocess.PIPE
+    process = subprocess.Popen([sys.executable, "train_gpt2.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=stderr, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(sig)
+    if sig == signal.SIGKILL:
+        process.wait()
+    return process
+
+
 def logged_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -221,13 +237,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_dat
     assert run_train(*settings, "--run-dir", str(tmp_path / "straight")).returncode == 0
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "train_gpt2.py", *settings, "--run-dir", str(killed)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (killed / "ckpt_000012.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    interrupt_when((killed / "ckpt_000012.pt").exists, [*settings, "--run-dir", str(killed)])
     assert not (killed / "ckpt_000024.pt").exists(), "the run finished before it could be killed"
 
     resumed = run_train("--resume", "--run-dir", str(killed))
@@ -428,12 +438,7 @@ def test_ctrl_c_ends_a_run_with_one_line_and_resume_continues_it(tmp_path, small
     run = tmp_path / "run"
     args = [*TINY_RUN, "--data-dir", str(small_data), "--run-dir", str(run), "--max-steps", "400",
             "--eval-interval", "100", "--ckpt-interval", "2", "--sample-interval", "0"]  # fmt: skip
-    process = subprocess.Popen([sys.executable, "train_gpt2.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (run / "ckpt_000004.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    process = interrupt_when((run / "ckpt_000004.pt").exists, args, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "Traceback" not in stderr
@@ -513,15 +518,9 @@ def test_resume_starts_a_run_that_has_no_checkpoint_yet_and_loses_nothing_when_k
     assert straight.returncode == 0, straight.stderr
     assert "holds no checkpoint yet: starting the run at step 0" in straight.stdout
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "train_gpt2.py", *settings, "--run-dir", str(killed)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    log = killed / "log.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count('"train"') >= 5) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed, log = tmp_path / "killed", tmp_path / "killed" / "log.jsonl"
+    five_steps_logged = lambda: log.exists() and log.read_text().count('"train"') >= 5  # noqa: E731
+    interrupt_when(five_steps_logged, [*settings, "--run-dir", str(killed)])
     assert not list(killed.glob("*.pt")), "the run wrote a checkpoint before it could be killed"
 
     again = run_train(*settings, "--run-dir", str(killed))

@@ -1,0 +1,184 @@
+"""The CUDA path, proven on a GPU: GPT-2 124M at the Colab T4's and the RTX 4080's settings within a 16 GB card's
+memory, a run killed and resumed on the GPU, checkpoints mapped to the GPU, sampling and evaluation there, and
+two-process NCCL DDP with torch.compile where two GPUs exist.
+
+Every test is marked `gpu` and skips where CUDA is absent, so the CPU suite stays green. With a GPU:
+
+  python -m pytest tests/test_gpu.py -v && python bench.py gpu
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import make_text, write_files
+from test_train import TINY_RUN, interrupt_when, logged_losses, run_train
+
+import prepare_data
+import train_gpt2
+from conftest import REPO
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU, and this machine has none"),
+]
+
+GIB = 2**30
+# What PyTorch's allocator may use on each card: the whole card less the ~0.5 GiB the CUDA context takes outside
+# it (a T4 reports 14.7 GiB in all, an RTX 4080 16.0 GiB, of which a desktop also keeps some for the display).
+CARDS = {"T4": ("fp16", 14.0, (7, 5)), "RTX 4080": ("bf16", 15.0, (8, 9))}
+STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss (\d+\.\d+) \| lr \S+ \| norm (\d+\.\d+) \|")
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    """Shards of generated text (a 24-word vocabulary: a model learns it within a few steps), about 300K tokens."""
+    folder = tmp_path_factory.mktemp("gpu-data")
+    text = write_files(folder / "text", {"text.txt": make_text(300_000, seed=0)})
+    prepare_data.main(["--input", *text, "--val-fraction", "0.05", "--out-dir", str(folder / "data"),
+                       "--num-proc", "4"])  # fmt: skip
+    return folder / "data"
+
+
+def train_within(memory_gib: float, argv: list[str], capsys) -> tuple[str, int]:
+    """train_gpt2.main(argv) with PyTorch's allocator capped at memory_gib: its output and its peak allocation."""
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * GIB / total))
+    try:
+        train_gpt2.main(argv)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch._dynamo.reset()
+    return capsys.readouterr().out, torch.cuda.max_memory_allocated()
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_the_124m_model_learns_at_a_cards_settings_within_its_memory(card, text_data, tmp_path, capsys):
+    """The seed's step 11 on that card: micro batch 4 x 1,024, its precision, torch.compile, fused AdamW, and the
+    attention kernel the card runs (a T4 has no flash attention: it needs compute capability 8.0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    precision, memory_gib, capability = CARDS[card]
+    if torch.cuda.get_device_capability() < capability:
+        pytest.skip(f"the {card}'s settings need compute capability {capability[0]}.{capability[1]} or above")
+    kernel = SDPBackend.EFFICIENT_ATTENTION if card == "T4" else SDPBackend.FLASH_ATTENTION
+    run = tmp_path / "run"
+    argv = ["--data-dir", str(text_data), "--run-dir", str(run), "--batch-size", "4", "--seq-len", "1024",
+            "--total-batch-size", "8192", "--max-steps", "12", "--warmup-steps", "2", "--max-lr", "1e-3",
+            "--eval-interval", "12", "--eval-steps", "2", "--sample-interval", "12", "--ckpt-interval", "12",
+            "--dtype", precision, "--compile"]  # fmt: skip
+    with sdpa_kernel(kernel):
+        out, peak = train_within(memory_gib, argv, capsys)
+    assert f"precision {precision}" in out and "compile True" in out and "fused AdamW True" in out, out
+    steps = [(int(s), float(loss), float(norm)) for s, loss, norm in STEP_LINE.findall(out)]
+    assert [s for s, _, _ in steps] == list(range(12))
+    assert steps[-1][1] < steps[0][1] - 2.0, "twelve steps on a 24-word vocabulary should bring the loss well down"
+    # the norm is measured on unscaled gradients: GradScaler's scale (65,536 at the start) would show here
+    assert all(norm < 1000 for _, _, norm in steps), [norm for _, _, norm in steps]
+    assert peak < memory_gib * GIB
+    assert (run / "ckpt_000012.pt").is_file() and "step 12 sample:" in out
+
+
+def test_rng_states_mapped_to_the_gpu_restore_both_generators(tmp_path):
+    states = train_gpt2.rng_states("cuda")
+    expected = torch.rand(3), torch.rand(3, device="cuda")
+    torch.save(states, tmp_path / "states.pt")
+    train_gpt2.set_rng_states(torch.load(tmp_path / "states.pt", map_location="cuda", weights_only=True), "cuda")
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device="cuda"), expected[1])
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_on_the_gpu(tmp_path, text_data):
+    """Dropout draws from the CUDA generator, so a wrong RNG state or loader position after the resume changes
+    the losses by about 1e-2. fp32 (TF32 matmuls) keeps the rest tight: the kernels that add with atomics (the
+    embedding's and attention's backward) are not deterministic, and move a loss by far less than 1e-4 in 24 steps."""
+    settings = [*TINY_RUN, "--device", "cuda", "--dtype", "fp32", "--no-compile", "--data-dir", str(text_data),
+                "--max-steps", "24", "--eval-interval", "8", "--ckpt-interval", "6", "--sample-interval", "0",
+                "--dropout", "0.1"]  # fmt: skip
+    assert run_train(*settings, "--run-dir", str(tmp_path / "straight")).returncode == 0
+
+    killed = tmp_path / "killed"
+    interrupt_when((killed / "ckpt_000012.pt").exists, [*settings, "--run-dir", str(killed)])
+    assert not (killed / "ckpt_000024.pt").exists(), "the run finished before it could be killed"
+
+    resumed = run_train("--resume", "--run-dir", str(killed), "--device", "cuda")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout
+    straight, again = logged_losses(tmp_path / "straight"), logged_losses(killed)
+    assert [e[:2] for e in again] == [e[:2] for e in straight]
+    for (_, _, a), (_, _, b) in zip(straight, again):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gpu_checkpoint(text_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("gpu-run")
+    result = run_train(*TINY_RUN, "--device", "cuda", "--data-dir", str(text_data), "--run-dir", str(run),
+                       "--max-steps", "20", "--eval-interval", "20", "--ckpt-interval", "20", "--sample-interval", "0")
+    assert result.returncode == 0, result.stderr
+    return run / "ckpt_000020.pt"
+
+
+def test_sample_py_on_the_gpu(gpu_checkpoint):
+    result = subprocess.run([sys.executable, "sample.py", "--init-from", str(gpu_checkpoint), "--device", "cuda",
+                             "--prompt", "The", "--num-samples", "2", "--max-new-tokens", "24", "--seed", "0"],
+                            cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("The") >= 2
+
+
+def test_greedy_generation_with_the_kv_cache_equals_without_it_on_the_gpu(gpu_checkpoint):
+    model = train_gpt2.load_model(str(gpu_checkpoint), "cuda").eval()
+    idx = torch.tensor([train_gpt2.get_tokenizer().encode_ordinary("the of and")], device="cuda")
+    cached = model.generate(idx, 40, temperature=0)
+    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_evaluate_py_on_the_gpu_scores_as_on_the_cpu(gpu_checkpoint, tmp_path):
+    text = write_files(tmp_path, {"wiki.txt": make_text(3000, seed=3)})[0]
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text("".join(json.dumps({"text": make_text(60, seed=i).strip()}) + "\n" for i in range(20)))
+    scores = {}
+    for device in ("cpu", "cuda"):
+        for task, data in (("wikitext", text), ("lambada", str(lambada))):
+            out = tmp_path / f"{task}-{device}.json"
+            result = subprocess.run([sys.executable, "evaluate.py", "--init-from", str(gpu_checkpoint), "--task", task,
+                                     "--data", data, "--device", device, "--dtype", "fp32", "--out", str(out)],
+                                    cwd=REPO, capture_output=True, text=True)  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            scores[task, device] = json.loads(out.read_text())["tasks"][task]
+    for key in ("token_ppl", "word_ppl"):
+        assert scores["wikitext", "cuda"][key] == pytest.approx(scores["wikitext", "cpu"][key], rel=1e-3)
+    assert scores["lambada", "cuda"]["ppl"] == pytest.approx(scores["lambada", "cpu"]["ppl"], rel=1e-3)
+    # greedy accuracy: one passage of the 20 may flip where two words are all but tied
+    assert abs(scores["lambada", "cuda"]["acc"] - scores["lambada", "cpu"]["acc"]) <= 1 / 20
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two-process NCCL DDP needs two GPUs")
+def test_two_gpus_with_nccl_and_compile_equal_one_with_twice_the_accumulation(tmp_path, text_data):
+    settings = [*TINY_RUN, "--device", "cuda", "--dtype", "fp32", "--compile", "--data-dir", str(text_data),
+                "--max-steps", "6", "--eval-interval", "3", "--sample-interval", "0",
+                "--ckpt-interval", "3"]  # fmt: skip
+    single = run_train(*settings, "--run-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train_gpt2.py", *settings, "--run-dir", str(tmp_path / "two")], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "x 2 process(es) x 1 accumulation steps" in ddp.stdout and "compile True" in ddp.stdout
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert [e[:2] for e in one] == [e[:2] for e in two]
+    for (_, _, a), (_, _, b) in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-3)  # the same tokens, summed in another order, in TF32
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train_gpt2.py", "--resume", "--run-dir", str(tmp_path / "two"), "--max-steps", "8"],
+                             cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 6 of 8" in resumed.stdout
