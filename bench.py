@@ -437,14 +437,17 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, torch.device(device).type)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     autocast = train_gpt2.autocast_for(device, precision)
     batches = RepeatedBatch(config.vocab_size, B, T, device)
     grad_accum_steps = total_batch_size // (B * T)
     compiled = torch.compile(model)
 
     def step_of(module: torch.nn.Module, attention=contextlib.nullcontext) -> Callable[[], None]:
+        # a GradScaler each: a step that fails halfway (out of memory) leaves its scaler's state to itself
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+
         def step():
+            optimizer.zero_grad(set_to_none=True)  # what a failed step may have left behind
             with attention():
                 train_gpt2.accumulate_gradients(module, batches, grad_accum_steps, autocast, scaler, device)
                 train_gpt2.step_optimizer(module, optimizer, scaler, 6e-4, 1.0)
@@ -458,7 +461,7 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
 def bench_gpu(args: argparse.Namespace):
     """ms per step, tokens/s, MFU and peak memory of 124M training steps of 65,536 tokens: the seed's T4 setting
     (micro batch 4 x 1,024, fp16 with a GradScaler) and 16 x 1,024 in bf16, each eager, compiled, and with the
-    math attention kernel instead of the fused one (flash from compute capability 8.0, memory-efficient below)."""
+    math attention kernel instead of PyTorch's fused ones."""
     if not torch.cuda.is_available():
         print("\n## gpu: skipped, this machine has no CUDA GPU (torch.cuda.is_available() is False)")
         return
@@ -466,48 +469,76 @@ def bench_gpu(args: argparse.Namespace):
     torch.backends.cuda.matmul.allow_tf32 = True  # as train_gpt2.py sets them
     torch.backends.cudnn.allow_tf32 = True
     major, minor = torch.cuda.get_device_capability(device)
-    fused = "flash" if major >= 8 else "memory-efficient"
+    fused = "flash or cuDNN" if major >= 8 else "memory-efficient"
     config = GPTConfig(vocab_size=50304)
     flops = train_gpt2.flops_per_token(config, 1024)
     settings = [(4, "fp16"), (16, "bf16")]  # the seed's T4 setting; a large card's
     peaks = {precision: train_gpt2.peak_flops(device, precision) for _, precision in settings}
     print(f"\n## gpu: GPT-2 124M training steps of 65,536 tokens ({machine_line(device)}, compute capability "
-          f"{major}.{minor}: fused attention is the {fused} kernel; MFU against the {peaks['fp16'][1]})\n")
+          f"{major}.{minor}: fused attention is PyTorch's {fused} kernel; MFU against the {peaks['fp16'][1]})\n")
     print("| micro batch | precision | mode | ms/step | tokens/s | MFU | peak memory | vs eager |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for B, precision in settings:
         if precision == "bf16" and major < 8:
             print(f"| {B} x 1024 | bf16 | - | needs compute capability 8.0 | | | | |")
             continue
-        try:
-            seconds, peak_memory = time_gpu_steps(config, B, precision, device, args.repeats)
-        except torch.cuda.OutOfMemoryError:
-            print(f"| {B} x 1024 | {precision} | - | does not fit in this card's memory | | | | |")
-            continue
-        finally:  # the next setting starts with the memory free and nothing compiled
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-        peak = peaks[precision][0]
+        with fresh_compile_cache():
+            steps = gpu_training_steps(config, B, 1024, 65536, precision, device)
+            for name, problem in failing_steps(steps, device).items():
+                print(f"| {B} x 1024 | {precision} | {name} | {problem} | | | | |")
+            seconds = race(steps, args.repeats, device)
+            peak_memory = {name: peak_memory_of(step, device) for name, step in steps.items()}
+        steps = None  # the next setting starts with this one's model, optimizer and graphs freed
+        torch.cuda.empty_cache()
         for name, times in seconds.items():
             tokens_per_s = 65536 / statistics.median(times)
+            vs_eager = f"{median_ratio(seconds['eager'], times):.2f}x" if "eager" in seconds else "-"
             print(f"| {B} x 1024 | {precision} | {name} | {statistics.median(times) * 1000:,.0f} | {tokens_per_s:,.0f} "
-                  f"| {flops * tokens_per_s / peak:.0%} | {peak_memory[name] / 2**30:.1f} GiB "
-                  f"| {median_ratio(seconds['eager'], times):.2f}x |", flush=True)  # fmt: skip
+                  f"| {flops * tokens_per_s / peaks[precision][0]:.0%} | {peak_memory[name] / 2**30:.1f} GiB "
+                  f"| {vs_eager} |", flush=True)  # fmt: skip
     print(f"\nmedian of {args.repeats} alternating rounds after a warm-up step (and compilation) for each. Goal on "
           "an H100: 16 x 1024 bf16 compiled at 470,000 tokens/s or more (llm.c's rate per GPU).")
 
 
-def time_gpu_steps(config: GPTConfig, B: int, precision: str, device: str,
-                   repeats: int) -> tuple[dict[str, list[float]], dict[str, int]]:  # fmt: skip
-    """Seconds per step of each way (raced), and the peak memory each allocates in one more step of its own."""
-    steps = gpu_training_steps(config, B, 1024, 65536, precision, device)
-    seconds = race(steps, repeats, device)
-    peak_memory = {}
-    for name, step in steps.items():
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        peak_memory[name] = torch.cuda.max_memory_allocated(device)
-    return seconds, peak_memory
+@contextlib.contextmanager
+def fresh_compile_cache():
+    """torch.compile with an empty on-disk cache, and nothing compiled in memory: its cache key leaves out which
+    attention kernels are allowed (pytorch/pytorch#185449), so a graph compiled elsewhere under another choice
+    could be reused here."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        torch._dynamo.reset()
+        try:
+            yield
+        finally:
+            torch._dynamo.reset()
+            if previous is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def failing_steps(steps: dict[str, Callable[[], None]], device: str) -> dict[str, str]:
+    """Run each step once on its own (compiling it): those that fail, out of memory or in the compiler, leave
+    `steps` with the reason, so that one mode that does not fit does not cost the others their row."""
+    problems = {}
+    for name in list(steps):
+        try:
+            steps[name]()
+            torch.cuda.synchronize(device)
+        except Exception as e:  # torch.cuda.OutOfMemoryError, or Inductor's errors that wrap it
+            problems[name] = f"failed: {train_gpt2.first_line(e)}"
+            del steps[name]
+        torch.cuda.empty_cache()
+    return problems
+
+
+def peak_memory_of(step: Callable[[], None], device: str) -> int:
+    """The most memory one more call of step allocates at once, in bytes."""
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return torch.cuda.max_memory_allocated(device)
 
 
 BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval,

@@ -130,8 +130,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv.keys[:, :, :end], kv.values[:, :, :end]  # (B, nh, end, hs)
         # T > 1 only happens for a block that starts at position 0 (training, or the first fill of the cache),
         # where the causal mask is exactly right; a single new token may see every key before it, so no mask.
-        # On a GPU the (T, T) attention matrix is never written to memory: PyTorch runs its flash kernel from
-        # compute capability 8.0 (A100, RTX 30xx/40xx, H100) and its memory-efficient kernel below that (T4, V100).
+        # On a GPU the (T, T) attention matrix is never written to memory: PyTorch runs flash attention (or cuDNN's
+        # kernel) from compute capability 8.0 (A100, RTX 30xx/40xx, H100), its memory-efficient kernel below (T4).
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
         )  # (B, nh, T, hs)

@@ -84,3 +84,31 @@ def test_gpu_benchmark_skips_without_a_gpu_and_steps_with_the_training_code(caps
     assert set(steps) == {"eager", "compiled", "eager, math attention"}
     steps["eager"]()
     steps["eager, math attention"]()
+
+
+def test_gpu_benchmark_drops_a_mode_that_fails_and_compiles_from_an_empty_cache(monkeypatch):
+    """One mode that does not fit in memory must not cost the others their rows; and no graph compiled elsewhere,
+    under another choice of attention kernel, may be reused (torch.compile's cache key leaves that choice out)."""
+    import os
+
+    import torch
+
+    from bench import failing_steps, fresh_compile_cache
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    ran = []
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    steps = {"eager": lambda: ran.append("eager"), "eager, math attention": out_of_memory}
+    assert failing_steps(steps, "cuda") == {"eager, math attention": "failed: CUDA out of memory. Tried to allocate "
+                                                                     "12.00 GiB"}  # fmt: skip
+    assert list(steps) == ["eager"] and ran == ["eager"]
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    with fresh_compile_cache():
+        inside = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert inside != "/somewhere/else" and os.listdir(inside) == []
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and not os.path.exists(inside)

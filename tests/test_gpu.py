@@ -20,7 +20,8 @@ from test_train import TINY_RUN, interrupt_when, logged_losses, run_train
 
 import prepare_data
 import train_gpt2
-from conftest import REPO
+from conftest import REPO, random_hf_model, tiny_config
+from train_gpt2 import GPT
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,7 +32,7 @@ GIB = 2**30
 # What PyTorch's allocator may use on each card: the whole card less the ~0.5 GiB the CUDA context takes outside
 # it (a T4 reports 14.7 GiB in all, an RTX 4080 16.0 GiB, of which a desktop also keeps some for the display).
 CARDS = {"T4": ("fp16", 14.0, (7, 5)), "RTX 4080": ("bf16", 15.0, (8, 9))}
-STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss (\d+\.\d+) \| lr \S+ \| norm (\d+\.\d+) \|")
+STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss (\S+) \| lr \S+ \| norm (\S+) \|.*")
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +45,29 @@ def text_data(tmp_path_factory) -> Path:
     return folder / "data"
 
 
-def train_within(memory_gib: float, argv: list[str], capsys) -> tuple[str, int]:
-    """train_gpt2.main(argv) with PyTorch's allocator capped at memory_gib: its output and its peak allocation."""
+def train_within(memory_gib: float, argv: list[str], monkeypatch, tmp_path: Path, capsys) -> str:
+    """train_gpt2.main(argv) with PyTorch's allocator capped at memory_gib (past it, allocating raises
+    torch.cuda.OutOfMemoryError), compiling from an empty cache; its output."""
+    # torch.compile's cache key leaves out which attention kernels are allowed (pytorch/pytorch#185449): a graph
+    # compiled by an earlier run could stand in for the kernel a test asks for
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * GIB / total))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # main() turns them on
     try:
         train_gpt2.main(argv)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         torch._dynamo.reset()
-    return capsys.readouterr().out, torch.cuda.max_memory_allocated()
+    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("card", CARDS)
-def test_the_124m_model_learns_at_a_cards_settings_within_its_memory(card, text_data, tmp_path, capsys):
+def test_the_124m_model_learns_at_a_cards_settings_within_its_memory(card, text_data, tmp_path, monkeypatch,
+                                                                      capsys):  # fmt: skip
     """The seed's step 11 on that card: micro batch 4 x 1,024, its precision, torch.compile, fused AdamW, and the
     attention kernel the card runs (a T4 has no flash attention: it needs compute capability 8.0)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,14 +82,17 @@ def test_the_124m_model_learns_at_a_cards_settings_within_its_memory(card, text_
             "--eval-interval", "12", "--eval-steps", "2", "--sample-interval", "12", "--ckpt-interval", "12",
             "--dtype", precision, "--compile"]  # fmt: skip
     with sdpa_kernel(kernel):
-        out, peak = train_within(memory_gib, argv, capsys)
+        out = train_within(memory_gib, argv, monkeypatch, tmp_path, capsys)
     assert f"precision {precision}" in out and "compile True" in out and "fused AdamW True" in out, out
-    steps = [(int(s), float(loss), float(norm)) for s, loss, norm in STEP_LINE.findall(out)]
-    assert [s for s, _, _ in steps] == list(range(12))
-    assert steps[-1][1] < steps[0][1] - 2.0, "twelve steps on a 24-word vocabulary should bring the loss well down"
-    # the norm is measured on unscaled gradients: GradScaler's scale (65,536 at the start) would show here
-    assert all(norm < 1000 for _, _, norm in steps), [norm for _, _, norm in steps]
-    assert peak < memory_gib * GIB
+    lines = [line for line in out.splitlines() if STEP_LINE.fullmatch(line)]
+    assert [int(STEP_LINE.fullmatch(line)[1]) for line in lines] == list(range(12))
+    # GradScaler may skip an early fp16 step while it finds its scale (the norm of such a step is inf)
+    kept = [(float(m[2]), float(m[3])) for m in map(STEP_LINE.fullmatch, lines) if "skipped" not in m[0]]
+    assert len(kept) >= 10, out
+    assert kept[-1][0] < kept[0][0] - 2.0, "twelve steps on a 24-word vocabulary bring the loss well down"
+    # the norm is measured on unscaled gradients (about 33 at the first step, on a CPU in fp32): GradScaler's
+    # scale, 65,536 at the start, would show here
+    assert all(norm < 1000 for _, norm in kept), [norm for _, norm in kept]
     assert (run / "ckpt_000012.pt").is_file() and "step 12 sample:" in out
 
 
@@ -133,12 +143,15 @@ def test_sample_py_on_the_gpu(gpu_checkpoint):
     assert result.stdout.count("The") >= 2
 
 
-def test_greedy_generation_with_the_kv_cache_equals_without_it_on_the_gpu(gpu_checkpoint):
-    model = train_gpt2.load_model(str(gpu_checkpoint), "cuda").eval()
-    idx = torch.tensor([train_gpt2.get_tokenizer().encode_ordinary("the of and")], device="cuda")
-    cached = model.generate(idx, 40, temperature=0)
-    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
-    assert torch.equal(cached, uncached)
+def test_greedy_generation_with_the_kv_cache_equals_without_it_on_the_gpu():
+    config = tiny_config(n_embd=64, n_head=4, block_size=128, vocab_size=256)
+    model = GPT(config)
+    model.load_hf_state_dict(random_hf_model(config, seed=1, init_std=0.2).state_dict())  # peaky, varied logits
+    model.to("cuda").eval()
+    prompt = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(0)).to("cuda")
+    cached = model.generate(prompt, 64, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 64, temperature=0, use_cache=False))
+    assert all(len(set(row[9:].tolist())) > 10 for row in cached), "a degenerate continuation would prove little"
 
 
 def test_evaluate_py_on_the_gpu_scores_as_on_the_cpu(gpu_checkpoint, tmp_path):
