@@ -32,22 +32,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-import evaluate
-import prepare_data
+import text_data
 import train_gpt2
-from train_gpt2 import (
-    EOT_TOKEN,
-    GPT,
-    ArgumentParser,
-    DataLoader,
-    GPTConfig,
-    InputError,
-    completion_losses,
-    get_tokenizer,
-    pick_device,
-    run_cli,
-    shard_bytes,
-)
+from common import ArgumentParser, InputError, first_line, run_cli
+from evaluation import completion_losses, lambada_pairs, sliding_windows
+from train_gpt2 import EOT_TOKEN, GPT, DataLoader, GPTConfig, get_tokenizer, pick_device, shard_bytes
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -191,9 +180,9 @@ def fineweb_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: in
 
 def ours_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: int) -> int:
     """prepare_data.py's tokenizing and writing (ordered, batched, atomic, hashed), on the same documents."""
-    writer = prepare_data.ShardWriter(out_dir, "ours", "train", shard_size)
+    writer = text_data.ShardWriter(out_dir, "ours", "train", shard_size)
     with multiprocessing.Pool(num_proc) as pool, contextlib.redirect_stderr(io.StringIO()):  # no progress bar
-        return prepare_data.tokenize_split(lambda: iter(docs), len(docs), writer, pool)
+        return text_data.tokenize_split(lambda: iter(docs), len(docs), writer, pool)
 
 
 def benchmark_documents() -> tuple[list[str], str]:
@@ -204,7 +193,7 @@ def benchmark_documents() -> tuple[list[str], str]:
         words = np.array("the of and to in a is was for on as with by he at from his an were are which".split())
         docs = [" ".join(rng.choice(words, size=rng.integers(20, 2000))) for _ in range(6000)]
         return docs, "6,000 generated documents (../shared/data is absent)"
-    docs = list(prepare_data.file_documents([str(shared / "wikitext-2-raw" / "wiki.valid.raw")]))
+    docs = list(text_data.file_documents([str(shared / "wikitext-2-raw" / "wiki.valid.raw")]))
     docs += [s + "\n" for s in (shared / "tinyshakespeare" / "input.txt").read_text().split("\n\n")]
     docs += [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").read_text().splitlines()]
     return docs, "WikiText-2 valid articles, Tiny Shakespeare speeches and LAMBADA passages"
@@ -229,7 +218,7 @@ def bench_data(args: argparse.Namespace):
     rate = {name: tokens[name] / statistics.median(times) for name, times in seconds.items()}
     print("| pipeline | tokens/s |")
     print("| --- | ---: |")
-    print(f"| prepare_data.py (ordered batches of ~{prepare_data.BATCH_CHARS // 1024} KB of text per task) "
+    print(f"| prepare_data.py (ordered batches of ~{text_data.BATCH_CHARS // 1024} KB of text per task) "
           f"| {rate['ours']:,.0f} |")
     print(f"| build-nanogpt fineweb.py (Pool.imap, one document per task, chunksize 16) | {rate['fineweb']:,.0f} |")
     print(f"| **ratio** (median of {args.repeats} alternating rounds, {tokens['ours']:,} tokens each) "
@@ -242,9 +231,9 @@ def bench_loader(args: argparse.Namespace, docs: list[str]):
     config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=50304)
     B, T = 8, 256
     with tempfile.TemporaryDirectory() as tmp:
-        writer = prepare_data.ShardWriter(tmp, "bench", "train", 200_000)
+        writer = text_data.ShardWriter(tmp, "bench", "train", 200_000)
         with contextlib.redirect_stderr(io.StringIO()):
-            prepare_data.tokenize_split(lambda: iter(docs), len(docs), writer, None)
+            text_data.tokenize_split(lambda: iter(docs), len(docs), writer, None)
         loader = DataLoader(tmp, "train", B, T)
         torch.manual_seed(0)
         model = GPT(config)
@@ -348,9 +337,9 @@ def eval_tasks() -> tuple[dict[str, list[tuple[list[int], list[int]]]], str]:
         context = enc.encode_ordinary(lines[i] + " " + lines[i + 1])
         hellaswag += [(context, enc.encode_ordinary(" " + lines[i + 2 + k % 3] + " " + str(k))) for k in range(4)]
     passages = [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").open()][:400]
-    lambada = evaluate.lambada_pairs([{"text": text} for text in passages])
+    lambada = lambada_pairs([{"text": text} for text in passages], enc)
     wiki = [EOT_TOKEN] + enc.encode_ordinary((shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000])
-    wikitext = evaluate.sliding_windows(wiki, 256, 128)
+    wikitext = sliding_windows(wiki, 256, 128)
     return {"hellaswag": hellaswag, "lambada": lambada, "wikitext": wikitext}, (
         "HellaSwag-shaped: 300 examples x 4 endings of Tiny Shakespeare lines; LAMBADA: 400 passages; "
         f"WikiText-2 valid: {len(wiki) - 1:,} tokens in {len(wikitext)} windows")
@@ -528,7 +517,7 @@ def failing_steps(steps: dict[str, Callable[[], None]], device: str) -> dict[str
             steps[name]()
             torch.cuda.synchronize(device)
         except Exception as e:  # torch.cuda.OutOfMemoryError, or Inductor's errors that wrap it
-            problems[name] = f"failed: {train_gpt2.first_line(e)}"
+            problems[name] = f"failed: {first_line(e)}"
             del steps[name]
         torch.cuda.empty_cache()
     return problems

@@ -8,7 +8,7 @@ train_gpt2.py checkpoint (anything sample.py takes), all with the same code, so 
   python evaluate.py --init-from gpt2 --task wikitext --data wiki.test.raw --stride 512
   python evaluate.py --init-from gpt2 --task hellaswag --limit 500  # a quick look at the first 500 examples
 
-The protocols (each a completion scored after its context; see completion_losses in train_gpt2.py):
+The protocols (each a completion scored after its context; see completion_losses in evaluation.py):
   hellaswag  the validation set (10,042 examples): the context, then each of four endings after a space. acc picks
              the ending of lowest total loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2955).
   lambada    OpenAI's test jsonl (5,153 passages). The last word is the text after the last space; its tokens
@@ -27,25 +27,26 @@ import math
 import os
 import time
 
-import prepare_data
-from train_gpt2 import (
-    EOT_TOKEN,
+from common import ArgumentParser, InputError, read_text, run_cli, write_atomically
+from evaluation import (
     HELLASWAG_CACHE,
     HELLASWAG_URL,
-    ArgumentParser,
-    InputError,
-    autocast_for,
-    choose_precision,
     completion_losses,
     data_file,
-    get_tokenizer,
     hellaswag_examples,
+    lambada_pairs,
+    read_jsonl,
+    sliding_windows,
+)
+from text_data import hub_documents
+from train_gpt2 import (
+    EOT_TOKEN,
+    autocast_for,
+    choose_precision,
+    get_tokenizer,
     hellaswag_scores,
     load_model,
     pick_device,
-    read_jsonl,
-    run_cli,
-    write_atomically,
 )
 
 TASKS = ("hellaswag", "lambada", "wikitext")
@@ -62,18 +63,9 @@ def lambada_examples(path: str | None) -> list[dict]:
                       'JSON with a "text" of several words')  # fmt: skip
 
 
-def lambada_pairs(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(context, last word) token ids: the word keeps the space before it, as GPT-2 would see it in running text."""
-    enc = get_tokenizer()
-    pairs = []
-    for example in examples:
-        context, word = example["text"].rsplit(" ", 1)
-        pairs.append((enc.encode_ordinary(context), enc.encode_ordinary(" " + word)))
-    return pairs
-
-
 def lambada_scores(model, examples: list[dict], device: str, autocast, batch_tokens: int, progress: bool) -> dict:
-    scored = completion_losses(model, lambada_pairs(examples), device, autocast, batch_tokens, progress)
+    pairs = lambada_pairs(examples, get_tokenizer())
+    scored = completion_losses(model, pairs, device, autocast, batch_tokens, progress)
     return {
         "acc": sum(word.greedy for word in scored) / len(scored),
         "ppl": math.exp(sum(word.loss for word in scored) / len(scored)),
@@ -89,21 +81,8 @@ def wikitext_text(path: str | None) -> str:
     if path is not None:
         if not os.path.isfile(path):
             raise InputError(f"WikiText file {path} does not exist")
-        return prepare_data.read_text(path)
-    return "".join(prepare_data.hub_documents(WIKITEXT_CONFIG, "test")())
-
-
-def sliding_windows(tokens: list[int], block_size: int, stride: int) -> list[tuple[list[int], list[int]]]:
-    """(context, completion) pairs that together score tokens[1:] exactly once, each with at most block_size
-    tokens of input. The first window scores all of its tokens; each next one moves its end by stride tokens
-    and scores only those, seeing up to block_size - stride tokens before them."""
-    pairs, scored_to = [], 1  # tokens[1:scored_to] are scored; tokens[0] (<|endoftext|>) is context only
-    while scored_to < len(tokens):
-        end = min(len(tokens), block_size + 1 if scored_to == 1 else scored_to + stride)
-        start = max(0, end - block_size - 1)
-        pairs.append((tokens[start:scored_to], tokens[scored_to:end]))
-        scored_to = end
-    return pairs
+        return read_text(path)
+    return "".join(hub_documents(WIKITEXT_CONFIG, "test")())
 
 
 def wikitext_scores(model, text: str, stride: int, device: str, autocast, batch_tokens: int, progress: bool) -> dict:

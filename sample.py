@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from train_gpt2 import ArgumentParser, get_tokenizer, load_model, pick_device, run_cli
+from common import ArgumentParser, run_cli
+from train_gpt2 import get_tokenizer, load_model, pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

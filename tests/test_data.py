@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import prepare_data
+import text_data
 from conftest import REPO, shared_file
 from train_gpt2 import EOT_TOKEN, DataLoader, get_tokenizer, load_tokens
 
@@ -92,7 +93,7 @@ def test_val_fraction_holds_out_the_end_of_the_text(tmp_path):
 
 def test_wikitext_file_splits_into_its_60_articles():
     path = shared_file("wikitext-2-raw/wiki.valid.raw")
-    articles = list(prepare_data.file_documents([str(path)]))
+    articles = list(text_data.file_documents([str(path)]))
     assert len(articles) == 60
     assert "".join(articles) == path.read_text(encoding="utf-8")
     assert articles[1].startswith(" = Frank Headlam = \n")  # each article opens with its " = Title = " line
@@ -110,13 +111,13 @@ def test_hub_rows_give_the_same_articles_as_the_raw_file(monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: FakeRows())
-    from_hub = list(prepare_data.hub_documents("wikitext-2-raw-v1", "validation")())
-    from_file = list(prepare_data.wikitext_articles(raw.splitlines(keepends=True)))
+    from_hub = list(text_data.hub_documents("wikitext-2-raw-v1", "validation")())
+    from_file = list(text_data.wikitext_articles(raw.splitlines(keepends=True)))
     assert from_hub == from_file and len(from_file) == 2
 
 
 def test_same_bytes_whatever_the_number_of_processes(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_data, "BATCH_CHARS", 2000)  # many tasks, so two workers really share the work
+    monkeypatch.setattr(text_data, "BATCH_CHARS", 2000)  # many tasks, so two workers really share the work
     files = write_files(tmp_path / "in", {f"doc{i}.txt": make_text(400, seed=i) for i in range(30)})
     for n in ("1", "2"):
         prepare("--input", *files, "--out-dir", str(tmp_path / n), "--shard-size", "1000", "--num-proc", n)

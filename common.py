@@ -1,0 +1,92 @@
+"""
+The plumbing every gpt2-lite script shares: one-line errors for bad input, files that are never left half-written,
+and the command-line wrapper that turns both into an exit status.
+
+  from common import InputError, run_cli, write_atomically
+
+Nothing here knows about models or data; train_gpt2.py and its sibling modules build on it.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import BinaryIO, Callable
+
+
+class InputError(ValueError):
+    """Bad input from the user: the message names the problem and the fix, in one line.
+
+    Command-line scripts print it and exit non-zero (see `run_cli`); library callers can catch it as ValueError.
+    """
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], object]):
+    """Call write(file) on a temporary file, then rename it to path: a crash never leaves a file that looks
+    finished, and an existing file is replaced only by a complete one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def read_text(path: str) -> str:
+    """A text file's contents, or one line saying where it is not UTF-8 and how to convert it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start:,} cannot be decoded "
+            "(convert it first, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag gets one line naming the problem, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None):
+    """Run a script's main(argv); bad input ends it with one line on stderr and exit status 1, no traceback.
+    Under torchrun every process meets the same bad input, and rank 0 alone says so."""
+    script = os.path.basename(sys.argv[0])
+    quiet = os.environ.get("RANK", "0") != "0"
+    try:
+        main(argv)
+    except InputError as e:
+        if not quiet:
+            print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:  # Ctrl-C: files are written atomically, so nothing is left half-written
+        if not quiet:
+            print(f"{script}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        sys.exit(130)
