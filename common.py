@@ -8,6 +8,7 @@ Nothing here knows about models or data; train_gpt2.py and its sibling modules b
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -50,6 +51,15 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def read_json(path: str, what: str, fix: str = "") -> dict:
+    """A JSON file's contents, or one line naming the file, what it should have been, and the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable {what} ({first_line(e)}){fix}") from None
 
 
 def read_text(path: str) -> str:

@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from common import InputError, first_line
+from common import InputError, first_line, read_json
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's size: 256 bytes + 50,000 BPE merges + <|endoftext|>
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and GPT-2 has no other special token
@@ -132,11 +132,7 @@ def check_hf_dir(path: str):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise InputError(f"{path} holds no GPT-2: no config.json (expected a directory written by save_pretrained)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{config_path} is not a readable JSON config ({first_line(e)})") from None
+    config = read_json(config_path, "JSON config")
     if config.get("model_type") != "gpt2":
         raise InputError(f"{path} holds a {config.get('model_type')!r} model, not GPT-2 (model_type 'gpt2')")
     # the variants of GPT-2 that transformers supports but this model does not implement

@@ -40,7 +40,6 @@ References:
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
 import re
@@ -59,12 +58,12 @@ from torch.torch_version import TorchVersion
 
 import evaluation
 from checkpoints import (
-    LOG_NAME,
+    LOG_NAME,  # noqa: F401 (moved there, and still importable from here, as code outside this repository expects)
     checkpoint_path,
     load_checkpoint,
     log_event,
     open_run,
-    remove_checkpoint,
+    remove_checkpoint,  # noqa: F401
     resume_hint,
     rng_states,
     rotate_checkpoints,
@@ -72,23 +71,25 @@ from checkpoints import (
     set_rng_states,
     truncate_log,
 )
-from common import ArgumentParser, InputError, first_line, run_cli, write_atomically
-from evaluation import HELLASWAG_CACHE, HELLASWAG_URL, completion_losses, data_file, hellaswag_examples
+from common import ArgumentParser, InputError, first_line, read_json, run_cli
+from evaluation import (
+    HELLASWAG_CACHE,
+    HELLASWAG_URL,
+    completion_losses,  # noqa: F401
+    data_file,
+    hellaswag_examples,
+)
 from gpt2_files import (
     EOT_TOKEN,
-    GPT2_BPE_SHA256,
+    GPT2_BPE_SHA256,  # noqa: F401
     GPT2_VOCAB_SIZE,
     copy_hf_weights,
-    gpt2_bpe_files,
+    gpt2_bpe_files,  # noqa: F401
     load_hf_model,
     offline_gpt2_encoding,
     save_hf_folder,
 )
-from mfu_peaks import GPU_PEAK_TFLOPS, datasheet_peak_flops, measure_matmul_flops
-
-# what moved to the modules above stays importable from here, as scripts outside this repository expect
-__all__ = ["GPT2_BPE_SHA256", "GPU_PEAK_TFLOPS", "LOG_NAME", "completion_losses", "gpt2_bpe_files",
-           "remove_checkpoint", "run_cli", "write_atomically"]  # fmt: skip
+from mfu_peaks import datasheet_peak_flops, measure_matmul_flops
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
@@ -314,15 +315,6 @@ class GPT(nn.Module):
             return torch.optim.AdamW(groups, **settings)
 
 
-def load_model(init_from: str, device: str | torch.device = "cpu") -> GPT:
-    """The model a script is pointed at: a checkpoint file from train_gpt2.py, a Hugging Face name or directory."""
-    if os.path.isfile(init_from):
-        model = model_from_checkpoint(load_checkpoint(init_from), init_from)
-    else:
-        model = GPT.from_pretrained(init_from)
-    return model.to(device)
-
-
 def model_from_checkpoint(state: dict, path: str) -> GPT:
     """The GPT a checkpoint holds, with one clear line if its config or weights do not fit this code."""
     try:
@@ -333,84 +325,17 @@ def model_from_checkpoint(state: dict, path: str) -> GPT:
     return model
 
 
+def load_model(init_from: str, device: str | torch.device = "cpu") -> GPT:
+    """The model a script is pointed at: a checkpoint file from train_gpt2.py, a Hugging Face name or directory."""
+    if os.path.isfile(init_from):
+        model = model_from_checkpoint(load_checkpoint(init_from), init_from)
+    else:
+        model = GPT.from_pretrained(init_from)
+    return model.to(device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: from the last logits to the next token, one token at a time through the KV cache
-
-
-def generate(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-) -> torch.Tensor:
-    """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-
-    temperature 0 is greedy decoding; otherwise the next token is drawn from softmax(logits / temperature),
-    restricted to the top_k most likely tokens and then to the smallest set whose probability reaches top_p.
-    A seed makes the draw reproducible (a private torch.Generator: the global RNG is left alone).
-    The model sees at most the last block_size tokens, for long prompts and long generations alike.
-    """
-    new_tokens = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache))
-    return torch.cat([idx, *new_tokens], dim=1)
-
-
-@torch.inference_mode()
-def stream(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-) -> Iterator[torch.Tensor]:
-    """`generate`, one step at a time: yields each new token as a (B, 1) tensor as soon as it is chosen."""
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    generator = torch.Generator(device=idx.device)
-    if seed is None:
-        generator.seed()  # fresh entropy, still without touching the global RNG
-    else:
-        generator.manual_seed(seed)
-    block_size = model.config.block_size
-    window = idx[:, -block_size:]  # (B, T'): what the model sees
-    cache = new_kv_cache(model, idx.size(0), idx.device) if use_cache else None
-    with few_row_matmuls(model) if idx.device.type == "cpu" else contextlib.nullcontext():
-        logits, _ = model(window, cache=cache)
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            yield next_token
-            if step == max_new_tokens - 1:
-                break
-            window = torch.cat([window, next_token], dim=1)[:, -block_size:]
-            if cache is None:
-                logits, _ = model(window)
-            elif cache.length < block_size:
-                logits, _ = model(next_token, cache=cache)  # one position per step
-            else:
-                # The context is full. Positions are absolute (learned wpe), so dropping the oldest token moves
-                # every other token to a new position and changes all stored keys and values: rebuild the cache
-                # from the window. Each step past block_size thus costs a full forward of block_size tokens.
-                cache.length = 0
-                logits, _ = model(window, cache=cache)
-
-
-def new_kv_cache(model: GPT, batch_size: int, device: torch.device) -> KVCache:
-    # under autocast the keys and values come out in the autocast dtype (bf16/fp16), so store them in it
-    device_type = torch.device(device).type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = model.lm_head.weight.dtype
-    return KVCache(model.config, batch_size, device, dtype)
-
-
-# as methods too: model.generate(idx, 32), as with Hugging Face's models
-GPT.generate, GPT.stream, GPT.new_kv_cache = generate, stream, new_kv_cache
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None):
@@ -482,6 +407,75 @@ def few_row_matmuls(model: nn.Module):
             layer.__class__ = nn.Linear
 
 
+def new_kv_cache(model: GPT, batch_size: int, device: torch.device) -> KVCache:
+    # under autocast the keys and values come out in the autocast dtype (bf16/fp16), so store them in it
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = model.lm_head.weight.dtype
+    return KVCache(model.config, batch_size, device, dtype)
+
+
+@torch.inference_mode()
+def stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Continue each row of idx (B, T) by max_new_tokens tokens, yielding each new token as a (B, 1) tensor as soon
+    as it is chosen.
+
+    temperature 0 is greedy decoding; otherwise the next token is drawn from softmax(logits / temperature),
+    restricted to the top_k most likely tokens and then to the smallest set whose probability reaches top_p.
+    A seed makes the draw reproducible (a private torch.Generator: the global RNG is left alone).
+    The model sees at most the last block_size tokens, for long prompts and long generations alike.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    generator = torch.Generator(device=idx.device)
+    if seed is None:
+        generator.seed()  # fresh entropy, still without touching the global RNG
+    else:
+        generator.manual_seed(seed)
+    block_size = model.config.block_size
+    window = idx[:, -block_size:]  # (B, T'): what the model sees
+    cache = new_kv_cache(model, idx.size(0), idx.device) if use_cache else None
+    with few_row_matmuls(model) if idx.device.type == "cpu" else contextlib.nullcontext():
+        logits, _ = model(window, cache=cache)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            yield next_token
+            if step == max_new_tokens - 1:
+                break
+            window = torch.cat([window, next_token], dim=1)[:, -block_size:]
+            if cache is None:
+                logits, _ = model(window)
+            elif cache.length < block_size:
+                logits, _ = model(next_token, cache=cache)  # one position per step
+            else:
+                # The context is full. Positions are absolute (learned wpe), so dropping the oldest token moves
+                # every other token to a new position and changes all stored keys and values: rebuild the cache
+                # from the window. Each step past block_size thus costs a full forward of block_size tokens.
+                cache.length = 0
+                logits, _ = model(window, cache=cache)
+
+
+@torch.inference_mode()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *sampling, **keywords) -> torch.Tensor:
+    """`stream`, all at once (with the same sampling settings): returns (B, T + max_new_tokens)."""
+    new_tokens = list(stream(model, idx, max_new_tokens, *sampling, **keywords))
+    return torch.cat([idx, *new_tokens], dim=1)
+
+
+# as methods too: model.generate(idx, 32), as with Hugging Face's models
+GPT.generate, GPT.stream, GPT.new_kv_cache = generate, stream, new_kv_cache
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer: tiktoken's "gpt2" encoding, the byte-level BPE GPT-2 was trained with
 
@@ -547,6 +541,13 @@ def load_tokens(path: str) -> np.ndarray:
     return np.memmap(path, dtype=SHARD_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(n_tokens,))
 
 
+def read_manifest(path: str) -> dict:
+    manifest = read_json(path, "manifest", ": run prepare_data.py again")
+    if manifest.get("tokenizer") != "gpt2":
+        raise InputError(f"{path}: the data was tokenized with {manifest.get('tokenizer')!r}, not GPT-2's 'gpt2'")
+    return manifest
+
+
 def find_shards(data_dir: str, split: str) -> list[str]:
     """The shard files of one split, checked against manifest.json when there is one (llm.c's shards have none)."""
     if not os.path.isdir(data_dir):
@@ -569,17 +570,6 @@ def find_shards(data_dir: str, split: str) -> list[str]:
     return paths
 
 
-def read_manifest(path: str) -> dict:
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable manifest ({first_line(e)}): run prepare_data.py again") from None
-    if manifest.get("tokenizer") != "gpt2":
-        raise InputError(f"{path}: the data was tokenized with {manifest.get('tokenizer')!r}, not GPT-2's 'gpt2'")
-    return manifest
-
-
 class DataLoader:
     """Streams (x, y) batches of shape (B, T) from a split's shards; y is x shifted left by one token.
 
@@ -591,8 +581,17 @@ class DataLoader:
     Its position is three numbers (`state_dict`), saved in checkpoints so a resumed run reads the very next batch.
     """
 
-    def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337, shuffle: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: str,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 1337,
+        shuffle: bool = True,
+    ):
         self.paths = find_shards(data_dir, split)
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
@@ -826,6 +825,27 @@ def setup_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
+def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> str | None:
+    """Call the compiled model on a batch x, y (B, T) as training and evaluation will: None if both compile, else
+    the error."""
+    # no all-reduce: a process whose compile fails must not leave the others waiting for its gradients
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    try:
+        with no_sync():
+            with autocast():
+                _, loss = compiled(x, y)
+            loss.backward()
+        model.eval()
+        with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
+            compiled(x, y)
+    except Exception as e:  # torch._dynamo / inductor raise many kinds
+        return first_line(e)
+    finally:
+        model.train()
+        model.zero_grad(set_to_none=True)
+    return None
+
+
 def wrap_model(
     raw_model: GPT, args: argparse.Namespace, device: str, autocast, use_compile: bool, say
 ) -> tuple[nn.Module, bool]:
@@ -856,27 +876,6 @@ def wrap_model(
     return compiled, True
 
 
-def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> str | None:
-    """Call the compiled model on a batch x, y (B, T) as training and evaluation will: None if both compile, else
-    the error."""
-    # no all-reduce: a process whose compile fails must not leave the others waiting for its gradients
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
-    try:
-        with no_sync():
-            with autocast():
-                _, loss = compiled(x, y)
-            loss.backward()
-        model.eval()
-        with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
-            compiled(x, y)
-    except Exception as e:  # torch._dynamo / inductor raise many kinds
-        return first_line(e)
-    finally:
-        model.train()
-        model.zero_grad(set_to_none=True)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # main: the training run
 #
@@ -886,6 +885,20 @@ def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: tor
 #   python train_gpt2.py --init-from gpt2 --max-lr 6e-5   # fine-tune OpenAI's weights instead
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
+
+
+def check_ranges(args: argparse.Namespace, parser: ArgumentParser):
+    at_least_one = "n_layer n_head n_embd block_size vocab_size batch_size seq_len total_batch_size max_steps "
+    at_least_one = (at_least_one + "eval_interval eval_steps keep_last").split()
+    not_negative = "warmup_steps sample_interval ckpt_interval patience grad_clip weight_decay hellaswag_interval "
+    not_negative = (not_negative + "hellaswag_limit").split()
+    for name in at_least_one + not_negative:
+        value, least = getattr(args, name), 1 if name in at_least_one else 0
+        if value is not None and value < least:
+            rule = "be at least 1" if least else "not be negative"
+            parser.error(f"--{name.replace('_', '-')} must {rule}, got {value}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
@@ -938,20 +951,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     given = {a.dest for a in parser._actions for o in a.option_strings for arg in argv if arg.split("=")[0] == o}
     check_ranges(args, parser)
     return args, given
-
-
-def check_ranges(args: argparse.Namespace, parser: ArgumentParser):
-    at_least_one = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "seq_len",
-                    "total_batch_size", "max_steps", "eval_interval", "eval_steps", "keep_last"]  # fmt: skip
-    not_negative = ["warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay",
-                    "hellaswag_interval", "hellaswag_limit"]  # fmt: skip
-    for name in at_least_one + not_negative:
-        value, least = getattr(args, name), 1 if name in at_least_one else 0
-        if value is not None and value < least:
-            rule = "be at least 1" if least else "not be negative"
-            parser.error(f"--{name.replace('_', '-')} must {rule}, got {value}")
-    if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
 
 
 def check_schedule(args: argparse.Namespace):
@@ -1046,6 +1045,40 @@ class Run:
             self.last_checkpoint = path
 
 
+def training_device(requested: str, local_rank: int, world_size: int) -> str:
+    if world_size == 1:
+        return pick_device(requested)
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    # CPU processes share the cores instead of every process using all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return "cpu"
+
+
+def accumulation_steps(args: argparse.Namespace, world_size: int) -> int:
+    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise InputError(
+            f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
+            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
+        )
+    return args.total_batch_size // tokens_per_micro_step
+
+
+def resume_from(run: Run, checkpoint: dict):
+    """Put the optimizer, GradScaler, data position, progress and random states back where the checkpoint left
+    them (the weights are in already: build_model took them)."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])  # onto the parameters' device
+    if checkpoint["scaler"]:  # empty when it was saved disabled: a run moved from bf16 or fp32 to fp16
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    run.train_loader.load_state_dict(checkpoint["train_loader"])
+    run.step = checkpoint["step"]
+    run.best_val_loss = checkpoint["best_val_loss"]
+    run.evals_without_improvement = checkpoint["evals_without_improvement"]
+    if len(checkpoint["rng"]) == run.world_size:
+        set_rng_states(checkpoint["rng"][run.rank], run.device)
+
+
 def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int) -> Run:
     """Everything before the first step: the device, the run directory (resumed or new), the data, the model, its
     precision, optimizer and wrappers, and where a resumed run left off. Prints what it chose."""
@@ -1081,58 +1114,47 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
     model, compiled = wrap_model(raw_model, args, device, autocast, use_compile, say)
     torch.manual_seed(args.seed + rank)  # dropout differs between processes
     flops, (peak, peak_source) = flops_per_token(raw_model.config, args.seq_len), peak_flops(device, precision)
-    run = Run(args, rank, world_size, device, raw_model, model, optimizer, scaler, autocast, train_loader,
-              val_loader, grad_accum_steps, hellaswag, lambda tokens_per_s: flops * tokens_per_s / (peak * world_size),
-              last_checkpoint=resumed_from)  # fmt: skip
+    run = Run(
+        args,
+        rank,
+        world_size,
+        device,
+        raw_model,
+        model,
+        optimizer,
+        scaler,
+        autocast,
+        train_loader,
+        val_loader,
+        grad_accum_steps,
+        hellaswag,
+        lambda tokens_per_s: flops * tokens_per_s / (peak * world_size),
+        last_checkpoint=resumed_from,
+    )
     if checkpoint is not None:
         resume_from(run, checkpoint)
     if run.master:
         truncate_log(args.run_dir, run.step)
     decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
     say(f"model: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {raw_model.config}")
-    say(f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
-        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})")  # fmt: skip
-    say(f"device {device} x {world_size} process(es) | precision {precision} ({why}) | compile {compiled} | "
-        f"fused AdamW {bool(optimizer.defaults.get('fused'))}")
-    say(f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} process(es) "
-        f"x {grad_accum_steps} accumulation steps | mfu against the {peak_source}, {peak / 1e12:.3g} TFLOP/s")
-    say(f"resuming at step {run.step} of {args.max_steps} from {resumed_from}" if resumed_from else
-        f"starting at step 0 of {args.max_steps} in {args.run_dir}")  # fmt: skip
+    say(
+        f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
+        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
+    )
+    say(
+        f"device {device} x {world_size} process(es) | precision {precision} ({why}) | compile {compiled} | "
+        f"fused AdamW {bool(optimizer.defaults.get('fused'))}"
+    )
+    say(
+        f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} process(es) "
+        f"x {grad_accum_steps} accumulation steps | mfu against the {peak_source}, {peak / 1e12:.3g} TFLOP/s"
+    )
+    say(
+        f"resuming at step {run.step} of {args.max_steps} from {resumed_from}"
+        if resumed_from
+        else f"starting at step 0 of {args.max_steps} in {args.run_dir}"
+    )
     return run
-
-
-def training_device(requested: str, local_rank: int, world_size: int) -> str:
-    if world_size == 1:
-        return pick_device(requested)
-    if torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    # CPU processes share the cores instead of every process using all of them
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return "cpu"
-
-
-def accumulation_steps(args: argparse.Namespace, world_size: int) -> int:
-    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
-    if args.total_batch_size % tokens_per_micro_step:
-        raise InputError(
-            f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
-            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
-        )
-    return args.total_batch_size // tokens_per_micro_step
-
-
-def resume_from(run: Run, checkpoint: dict):
-    """Put the optimizer, GradScaler, data position, progress and random states back where the checkpoint left
-    them (the weights are in already: build_model took them)."""
-    run.optimizer.load_state_dict(checkpoint["optimizer"])  # onto the parameters' device
-    if checkpoint["scaler"]:  # empty when it was saved disabled: a run moved from bf16 or fp32 to fp16
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    run.train_loader.load_state_dict(checkpoint["train_loader"])
-    run.step = checkpoint["step"]
-    run.best_val_loss = checkpoint["best_val_loss"]
-    run.evals_without_improvement = checkpoint["evals_without_improvement"]
-    if len(checkpoint["rng"]) == run.world_size:
-        set_rng_states(checkpoint["rng"][run.rank], run.device)
 
 
 def validate(run: Run, step: int) -> bool:
@@ -1149,8 +1171,10 @@ def validate(run: Run, step: int) -> bool:
     if improved and step > 0:
         run.save(os.path.join(run.args.run_dir, "best.pt"), step)
     if run.args.patience and run.evals_without_improvement >= run.args.patience:
-        run.say(f"early stop: no better validation loss in {run.args.patience} evaluations "
-                f"(best {run.best_val_loss:.4f}); best.pt holds the best model")  # fmt: skip
+        run.say(
+            f"early stop: no better validation loss in {run.args.patience} evaluations "
+            f"(best {run.best_val_loss:.4f}); best.pt holds the best model"
+        )
         run.save(checkpoint_path(run.args.run_dir, step), step)
         return True
     return False
@@ -1159,8 +1183,10 @@ def validate(run: Run, step: int) -> bool:
 def log_hellaswag(run: Run, step: int):
     # the uncompiled model: every batch has its own length, which would make torch.compile recompile
     scores = hellaswag_scores(run.raw_model, run.hellaswag, run.device, run.autocast)
-    run.say(f"step {step}/{run.args.max_steps} | hellaswag acc_norm {scores['acc_norm']:.4f} | "
-            f"acc {scores['acc']:.4f} | {scores['examples']:,} examples")  # fmt: skip
+    run.say(
+        f"step {step}/{run.args.max_steps} | hellaswag acc_norm {scores['acc_norm']:.4f} | "
+        f"acc {scores['acc']:.4f} | {scores['examples']:,} examples"
+    )
     if run.master:
         log_event(run.args.run_dir, step=step, split="hellaswag", **scores)
 
@@ -1181,8 +1207,7 @@ def train_step(run: Run, step: int):
     """One optimizer step: accumulate the gradient over the micro batches, clip it, set the lr, step, log."""
     args = run.args
     t0 = time.perf_counter()
-    loss = accumulate_gradients(run.model, run.train_loader, run.grad_accum_steps, run.autocast, run.scaler,
-                                run.device)  # fmt: skip
+    loss = accumulate_gradients(run.model, run.train_loader, run.grad_accum_steps, run.autocast, run.scaler, run.device)
     if run.world_size > 1:
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the logged loss is the whole batch's
     lr = get_lr(step, args.warmup_steps, args.max_steps, args.max_lr, args.min_lr)
@@ -1191,17 +1216,30 @@ def train_step(run: Run, step: int):
     dt = time.perf_counter() - t0
     if not math.isfinite(loss_value):
         where = f"the last checkpoint, {run.last_checkpoint}, is intact" if run.last_checkpoint else "no checkpoint yet"
-        raise InputError(f"the loss became {loss_value} at step {step}: training diverged ({where}); "
-                         "try a lower --max-lr, more --warmup-steps or --dtype fp32")  # fmt: skip
+        raise InputError(
+            f"the loss became {loss_value} at step {step}: training diverged ({where}); "
+            "try a lower --max-lr, more --warmup-steps or --dtype fp32"
+        )
     tokens_per_s = args.total_batch_size / dt
-    line = (f"step {step}/{args.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm {norm_value:.2f} | "
-            f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s | mfu {run.mfu(tokens_per_s):.0%}")  # fmt: skip
+    line = (
+        f"step {step}/{args.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm {norm_value:.2f} | "
+        f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s | mfu {run.mfu(tokens_per_s):.0%}"
+    )
     if skipped:
         line += f" | skipped: fp16 gradients overflowed, loss scale now {run.scaler.get_scale():g}"
     run.say(line)
     if run.master:
-        log_event(args.run_dir, step=step, split="train", loss=loss_value, lr=lr, norm=norm_value,
-                  ms=dt * 1000, tok_s=tokens_per_s, skipped=skipped)  # fmt: skip
+        log_event(
+            args.run_dir,
+            step=step,
+            split="train",
+            loss=loss_value,
+            lr=lr,
+            norm=norm_value,
+            ms=dt * 1000,
+            tok_s=tokens_per_s,
+            skipped=skipped,
+        )
 
 
 def due(step: int, interval: int) -> bool:

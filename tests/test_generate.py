@@ -162,3 +162,19 @@ def test_a_filled_cache_takes_one_token_at_a_time(hf_and_ours):
         model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="one new token at a time"):
             model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+def test_the_cpu_decode_route_is_swapped_in_by_generation_and_out_after_it(hf_and_ours):
+    """The model's classes are plain nn.Linear; only while it generates on a CPU do they take the W @ x^T route."""
+    import torch.nn as nn
+
+    from train_gpt2 import Linear
+
+    _, model = hf_and_ours
+    kinds = lambda: {type(m) for m in model.modules() if isinstance(m, nn.Linear)}  # noqa: E731
+    assert kinds() == {nn.Linear}
+    tokens = model.stream(torch.randint(0, 256, (1, 5)), 3, seed=0)
+    next(tokens)
+    assert kinds() == {Linear}, "mid-generation"
+    list(tokens)
+    assert kinds() == {nn.Linear}
