@@ -276,7 +276,7 @@ def bench_train(args: argparse.Namespace):
     print("| model | precision | mode | gpt2-lite | transformers | ratio |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for shape_name, (config, B, T) in shapes.items():
-        for precision in ("fp32", "bf16"):
+        for precision in args.train_precisions:
             for mode in args.train_modes:
                 ours, theirs = training_steps(config, B, T, precision, mode == "compiled", device,
                                               GPT2Config, GPT2LMHeadModel)  # fmt: skip
@@ -541,6 +541,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--train-modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                         help="train benchmark: eager and/or torch.compile'd models")
+    parser.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="train benchmark: precisions (bf16 is emulated, and very slow, on CPUs without it)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:

@@ -91,7 +91,7 @@ def score_batch(model: nn.Module, batch: list[tuple[list[int], int]], device: st
     return [Completion(nats, n, m == 0) for nats, n, m in zip(loss.tolist(), counts.tolist(), misses.tolist())]
 
 
-# --- benchmark files ----------------------------------------------------------------------------------------------
+# --- benchmark files --------------------------------------------------------------------------------------------
 
 
 def data_file(path: str | None, url: str, what: str, cache_path: str) -> str:
@@ -186,7 +186,7 @@ def hellaswag_scores(
     return {"acc": right / n, "acc_norm": right_norm / n, "examples": int(n)}
 
 
-# --- LAMBADA and WikiText: the pairs each one scores -----------------------------------------------------------
+# --- LAMBADA and WikiText: the pairs each one scores ------------------------------------------------------------
 
 
 def lambada_pairs(examples: list[dict], enc) -> Pairs:

@@ -86,7 +86,7 @@ def gpt2_bpe_files() -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-# --- weights in: OpenAI's checkpoints through Hugging Face transformers ----------------------------------------
+# --- weights in: OpenAI's checkpoints through Hugging Face transformers -----------------------------------------
 
 HF_MODEL_NAMES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 # Hugging Face's GPT-2 keeps its weights in Conv1D modules, (in, out), the transpose of nn.Linear's (out, in).
@@ -167,7 +167,7 @@ def copy_hf_weights(hf_state: dict[str, torch.Tensor], ours: dict[str, torch.Ten
             ours[name].copy_(tensor)
 
 
-# --- weights out: a folder that transformers' GPT2LMHeadModel and pipeline() load ------------------------------
+# --- weights out: a folder that transformers' GPT2LMHeadModel and pipeline() load -------------------------------
 
 
 def hf_weights(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1008,11 +1008,15 @@ class Run:
     val_loader: DataLoader
     grad_accum_steps: int
     hellaswag: list[dict] | None
-    mfu: object  # tokens/s -> the share of the devices' peak FLOP/s
+    flops_per_token: int  # the model's training FLOPs per token, at this sequence length
+    peak: float  # FLOP/s of one device at 100% MFU
     step: int = 0  # the step this run (re)starts at
     best_val_loss: float = float("inf")
     evals_without_improvement: int = 0
     last_checkpoint: str | None = None
+
+    def mfu(self, tokens_per_s: float) -> float:  # model FLOPs done per second, against what the devices could do
+        return self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
 
     @property
     def master(self) -> bool:  # only rank 0 prints, logs, samples and writes checkpoints
@@ -1079,6 +1083,30 @@ def resume_from(run: Run, checkpoint: dict):
         set_rng_states(checkpoint["rng"][run.rank], run.device)
 
 
+def describe_run(run: Run, precision: str, why: str, compiled: bool, peak_source: str, resumed_from: str | None):
+    """What the run chose, printed before its first step."""
+    args, model, optimizer = run.args, run.raw_model, run.optimizer
+    decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
+    run.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
+    run.say(
+        f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
+        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
+    )
+    run.say(
+        f"device {run.device} x {run.world_size} process(es) | precision {precision} ({why}) | compile {compiled} | "
+        f"fused AdamW {bool(optimizer.defaults.get('fused'))}"
+    )
+    run.say(
+        f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {run.world_size} process(es) "
+        f"x {run.grad_accum_steps} accumulation steps | mfu against the {peak_source}, {run.peak / 1e12:.3g} TFLOP/s"
+    )
+    run.say(
+        f"resuming at step {run.step} of {args.max_steps} from {resumed_from}"
+        if resumed_from
+        else f"starting at step 0 of {args.max_steps} in {args.run_dir}"
+    )
+
+
 def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int) -> Run:
     """Everything before the first step: the device, the run directory (resumed or new), the data, the model, its
     precision, optimizer and wrappers, and where a resumed run left off. Prints what it chose."""
@@ -1128,32 +1156,15 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
         val_loader,
         grad_accum_steps,
         hellaswag,
-        lambda tokens_per_s: flops * tokens_per_s / (peak * world_size),
+        flops,
+        peak,
         last_checkpoint=resumed_from,
     )
     if checkpoint is not None:
         resume_from(run, checkpoint)
     if run.master:
         truncate_log(args.run_dir, run.step)
-    decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
-    say(f"model: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {raw_model.config}")
-    say(
-        f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
-        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
-    )
-    say(
-        f"device {device} x {world_size} process(es) | precision {precision} ({why}) | compile {compiled} | "
-        f"fused AdamW {bool(optimizer.defaults.get('fused'))}"
-    )
-    say(
-        f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} process(es) "
-        f"x {grad_accum_steps} accumulation steps | mfu against the {peak_source}, {peak / 1e12:.3g} TFLOP/s"
-    )
-    say(
-        f"resuming at step {run.step} of {args.max_steps} from {resumed_from}"
-        if resumed_from
-        else f"starting at step 0 of {args.max_steps} in {args.run_dir}"
-    )
+    describe_run(run, precision, why, compiled, peak_source, resumed_from)
     return run
 
 
