@@ -94,8 +94,9 @@ def score_batch(model: nn.Module, batch: list[tuple[list[int], int]], device: st
 # --- benchmark files --------------------------------------------------------------------------------------------
 
 
-def data_file(path: str | None, url: str, what: str, cache_path: str) -> str:
-    """The file the user gave, or url's file, downloaded once to cache_path (atomically: never half a file)."""
+def data_file(path: str | None, url: str, what: str, cache_path: str, flag: str = "--data") -> str:
+    """The file the user gave (with `flag`), or url's file, downloaded once to cache_path (atomically: never half
+    a file)."""
     if path:
         if not os.path.isfile(path):
             raise InputError(f"{what} file {path} does not exist")
@@ -109,7 +110,7 @@ def data_file(path: str | None, url: str, what: str, cache_path: str) -> str:
         except OSError as e:
             raise InputError(
                 f"cannot download {what} from {url} ({first_line(e)}; no network?): download it elsewhere and pass "
-                "the file with --data"
+                f"the file with {flag}"
             ) from None
         write_atomically(cache_path, lambda f: f.write(data))
     return cache_path
@@ -156,7 +157,7 @@ def hellaswag_examples(path: str) -> list[dict]:
 
 
 def hellaswag_scores(
-    model: nn.Module, examples: list[dict], enc, device: str, autocast=None, batch_tokens=8192, progress=False
+    model: nn.Module, examples: list[dict], device: str, autocast=None, batch_tokens=8192, progress=False, *, enc
 ) -> dict:
     """Accuracy on HellaSwag: the context, then each of the four endings (with a space before it) is scored.
 

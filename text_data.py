@@ -5,7 +5,8 @@ depend on the number of processes. prepare_data.py is its command line; evaluate
 
 Documents: WikiText (from the hub, or a local wiki.*.raw file) is split into its articles at the top-level
 headings (" = Title = "); any other file is one document. Each document starts with <|endoftext|>, so the model
-sees where one ends and the next begins. The shard format is train_gpt2.py's (llm.c's).
+sees where one ends and the next begins. The shard format is train_gpt2.py's (llm.c's): this module imports the
+chapter, so the chapter never imports it.
 """
 
 import glob

@@ -11,7 +11,8 @@ What this file holds, in reading order:
   6. main()     the training run: settings, resume, the loop
 The plumbing lives beside it, in modules named for what they hold: common.py (errors, atomic files, the command
 line), gpt2_files.py (OpenAI's BPE files and Hugging Face weights), checkpoints.py (checkpoints and the run
-directory), evaluation.py (scoring completions, HellaSwag), mfu_peaks.py (what 100% MFU means on a device).
+directory), evaluation.py (scoring completions, HellaSwag), mfu_peaks.py (what 100% MFU means on a device). They
+never import this file; text_data.py, prepare_data.py's engine, builds on its shard format.
 
 Commands a reader will type:
   python prepare_data.py                                   # WikiText-103 -> data/wikitext-103 (token shards)
@@ -44,6 +45,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, NamedTuple
@@ -58,7 +60,7 @@ from torch.torch_version import TorchVersion
 
 import evaluation
 from checkpoints import (
-    LOG_NAME,  # noqa: F401 (moved there, and still importable from here, as code outside this repository expects)
+    LOG_NAME,  # noqa: F401 (moved there; the tests, and scripts written against older versions, import it from here)
     checkpoint_path,
     load_checkpoint,
     log_event,
@@ -85,6 +87,7 @@ from gpt2_files import (
     GPT2_VOCAB_SIZE,
     copy_hf_weights,
     gpt2_bpe_files,  # noqa: F401
+    hf_weights,
     load_hf_model,
     offline_gpt2_encoding,
     save_hf_folder,
@@ -289,6 +292,10 @@ class GPT(nn.Module):
         """Copy a GPT2LMHeadModel state dict into this model: same names, Conv1D weights transposed."""
         copy_hf_weights(hf_state, self.state_dict())
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under GPT2LMHeadModel's layout: Conv1D weights transposed, vocabulary unpadded."""
+        return hf_weights(self.state_dict())
+
     def save_pretrained(self, out_dir: str):
         """A folder that transformers' GPT2LMHeadModel.from_pretrained and pipeline("text-generation") load, with
         the same logits: config.json, model.safetensors and, for GPT-2's vocabulary, the tokenizer's files."""
@@ -394,17 +401,30 @@ class Linear(nn.Linear):
         return y.contiguous().view(*x.shape[:-1], -1)  # (..., out)
 
 
+FEW_ROW_LOCK = threading.Lock()  # threads generating with one model share its layers
+
+
 @contextlib.contextmanager
 def few_row_matmuls(model: nn.Module):
-    """Route the model's nn.Linear layers through Linear while it generates, and back afterwards."""
-    layers = [module for module in model.modules() if type(module) is nn.Linear]
-    for layer in layers:
-        layer.__class__ = Linear  # a subclass with no state of its own: only forward changes
+    """Route the model's nn.Linear layers through Linear for the calls inside, and back afterwards. Linear is a
+    subclass with no state of its own, so only forward changes; with several users at once, the last one out
+    swaps the layers back."""
+    with FEW_ROW_LOCK:
+        users = getattr(model, "few_row_users", 0)
+        if users == 0:
+            for layer in model.modules():
+                if type(layer) is nn.Linear:
+                    layer.__class__ = Linear
+        model.few_row_users = users + 1
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__class__ = nn.Linear
+        with FEW_ROW_LOCK:
+            model.few_row_users -= 1
+            if model.few_row_users == 0:
+                for layer in model.modules():
+                    if type(layer) is Linear:
+                        layer.__class__ = nn.Linear
 
 
 def new_kv_cache(model: GPT, batch_size: int, device: torch.device) -> KVCache:
@@ -445,24 +465,26 @@ def stream(
     block_size = model.config.block_size
     window = idx[:, -block_size:]  # (B, T'): what the model sees
     cache = new_kv_cache(model, idx.size(0), idx.device) if use_cache else None
-    with few_row_matmuls(model) if idx.device.type == "cpu" else contextlib.nullcontext():
-        logits, _ = model(window, cache=cache)
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            yield next_token
-            if step == max_new_tokens - 1:
-                break
-            window = torch.cat([window, next_token], dim=1)[:, -block_size:]
-            if cache is None:
-                logits, _ = model(window)
-            elif cache.length < block_size:
-                logits, _ = model(next_token, cache=cache)  # one position per step
-            else:
-                # The context is full. Positions are absolute (learned wpe), so dropping the oldest token moves
-                # every other token to a new position and changes all stored keys and values: rebuild the cache
-                # from the window. Each step past block_size thus costs a full forward of block_size tokens.
-                cache.length = 0
-                logits, _ = model(window, cache=cache)
+    cpu = idx.device.type == "cpu"
+
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:  # the CPU route only around the call: never across a yield
+        with few_row_matmuls(model) if cpu else contextlib.nullcontext():
+            return model(tokens, cache=cache)[0]
+
+    logits = logits_of(window)
+    for step in range(max_new_tokens):
+        next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        yield next_token
+        if step == max_new_tokens - 1:
+            break
+        window = torch.cat([window, next_token], dim=1)[:, -block_size:]
+        if cache is not None and cache.length == block_size:
+            # The context is full. Positions are absolute (learned wpe), so dropping the oldest token moves every
+            # other token to a new position and changes all stored keys and values: rebuild the cache from the
+            # window. Each step past block_size thus costs a full forward of block_size tokens.
+            cache.length = 0
+        # with a filled cache, one position per step; without one (or to refill it), the whole window
+        logits = logits_of(next_token if cache is not None and cache.length > 0 else window)
 
 
 @torch.inference_mode()
@@ -500,8 +522,8 @@ def get_tokenizer():
 #
 # The format is llm.c's, so that llm.c can train on our data and we on its: a header of 256 int32 (magic, version,
 # token count, zeros), then the tokens as uint16 (GPT-2's 50,257 ids fit in 16 bits, half the disk of int32).
-# prepare_data.py writes shards through these definitions; manifest.json beside them lists each shard's tokens and
-# sha256, the tokenizer, the source and the settings.
+# prepare_data.py (through text_data.py) writes shards with these definitions; manifest.json beside them lists
+# each shard's tokens and sha256, the tokenizer, the source and the settings.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -642,7 +664,7 @@ class DataLoader:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training: one function per technique, each called by the loop in main()
+# Training: one function per technique, each called by the training run below
 
 
 def get_lr(step: int, warmup_steps: int, max_steps: int, max_lr: float, min_lr: float) -> float:
@@ -784,7 +806,7 @@ def hellaswag_scores(
     model: nn.Module, examples: list[dict], device: str, autocast=None, batch_tokens=8192, progress=False
 ) -> dict:
     """HellaSwag's acc and acc_norm (evaluation.py scores the endings), with GPT-2's tokenizer."""
-    return evaluation.hellaswag_scores(model, examples, get_tokenizer(), device, autocast, batch_tokens, progress)
+    return evaluation.hellaswag_scores(model, examples, device, autocast, batch_tokens, progress, enc=get_tokenizer())
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> int:
@@ -1124,7 +1146,7 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
     val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
     hellaswag = None
     if args.hellaswag_interval:
-        path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE)
+        path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE, "--hellaswag-data")
         hellaswag = hellaswag_examples(path)[: args.hellaswag_limit or None]
     if world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
@@ -1143,21 +1165,21 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
     torch.manual_seed(args.seed + rank)  # dropout differs between processes
     flops, (peak, peak_source) = flops_per_token(raw_model.config, args.seq_len), peak_flops(device, precision)
     run = Run(
-        args,
-        rank,
-        world_size,
-        device,
-        raw_model,
-        model,
-        optimizer,
-        scaler,
-        autocast,
-        train_loader,
-        val_loader,
-        grad_accum_steps,
-        hellaswag,
-        flops,
-        peak,
+        args=args,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        raw_model=raw_model,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        grad_accum_steps=grad_accum_steps,
+        hellaswag=hellaswag,
+        flops_per_token=flops,
+        peak=peak,
         last_checkpoint=resumed_from,
     )
     if checkpoint is not None:
@@ -1187,6 +1209,8 @@ def validate(run: Run, step: int) -> bool:
             f"(best {run.best_val_loss:.4f}); best.pt holds the best model"
         )
         run.save(checkpoint_path(run.args.run_dir, step), step)
+        if run.master:
+            rotate_checkpoints(run.args.run_dir, run.args.keep_last)
         return True
     return False
 

@@ -164,17 +164,23 @@ def test_a_filled_cache_takes_one_token_at_a_time(hf_and_ours):
             model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
 
 
-def test_the_cpu_decode_route_is_swapped_in_by_generation_and_out_after_it(hf_and_ours):
-    """The model's classes are plain nn.Linear; only while it generates on a CPU do they take the W @ x^T route."""
+def test_the_cpu_decode_route_is_swapped_in_for_each_model_call_of_generation_only(hf_and_ours):
+    """The model's classes are plain nn.Linear; only inside generation's model calls on a CPU do they take the
+    W @ x^T route, so a paused generation leaves the model as it found it, and so do two at once."""
     import torch.nn as nn
 
     from train_gpt2 import Linear
 
     _, model = hf_and_ours
     kinds = lambda: {type(m) for m in model.modules() if isinstance(m, nn.Linear)}  # noqa: E731
-    assert kinds() == {nn.Linear}
-    tokens = model.stream(torch.randint(0, 256, (1, 5)), 3, seed=0)
-    next(tokens)
-    assert kinds() == {Linear}, "mid-generation"
-    list(tokens)
-    assert kinds() == {nn.Linear}
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(type(module)))
+    try:
+        assert kinds() == {nn.Linear}
+        first, second = (model.stream(torch.randint(0, 256, (1, 5)), 3, seed=s) for s in (0, 1))
+        next(first), next(second)
+        assert kinds() == {nn.Linear}, "between the steps of a paused generation"
+        list(first), list(second)
+    finally:
+        hook.remove()
+    assert kinds() == {nn.Linear} and seen == [Linear] * 6
