@@ -3,7 +3,7 @@ Every performance figure gpt2-lite states, measured here: side by side, in one r
 
   python bench.py                       # all benchmarks
   python bench.py generate              # generate() against transformers' generate(), GPT-2 124M
-  python bench.py data                  # prepare_data against build-nanogpt's fineweb.py; the loader's cost
+  python bench.py data                  # prepare_data against fineweb.py, in memory and streamed; the loader
   python bench.py train                 # a training step against transformers' GPT2LMHeadModel, fp32 and bf16
   python bench.py eval                  # evaluate.py's scoring, batched, against transformers one example at a time
   python bench.py gpu                   # 124M training steps on a CUDA GPU: eager/compiled, fused/math attention
@@ -22,12 +22,13 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -161,11 +162,11 @@ def fineweb_tokenize(doc: str) -> np.ndarray:
     return tokens_np.astype(np.uint16)
 
 
-def fineweb_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: int) -> int:
+def fineweb_prepare(docs: Iterable, out_dir: str, shard_size: int, num_proc: int, tokenize: Callable) -> int:
     """fineweb.py's loop: Pool.imap over documents (chunksize 16), filling and writing fixed-size shards."""
     buffer, filled, index, total = np.empty(shard_size, dtype=np.uint16), 0, 0, 0
     with multiprocessing.Pool(num_proc) as pool:
-        for tokens in pool.imap(fineweb_tokenize, docs, chunksize=16):
+        for tokens in pool.imap(tokenize, docs, chunksize=16):
             total += len(tokens)
             while len(tokens):
                 n = min(len(tokens), shard_size - filled)
@@ -178,11 +179,17 @@ def fineweb_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: in
     return total
 
 
-def ours_prepare(docs: list[str], out_dir: str, shard_size: int, num_proc: int) -> int:
-    """prepare_data.py's tokenizing and writing (ordered, batched, atomic, hashed), on the same documents."""
+def fineweb_tokenize_row(row: dict) -> np.ndarray:
+    """fineweb.py's tokenize() takes a row of the dataset, as here."""
+    return fineweb_tokenize(row["text"])
+
+
+def ours_prepare(docs: Callable[[int], Iterator[str]], out_dir: str, shard_size: int, num_proc: int) -> int:
+    """prepare_data.py's tokenizing and writing (ordered, batched, atomic, resumable), on the same documents."""
     writer = text_data.ShardWriter(out_dir, "ours", "train", shard_size)
     with multiprocessing.Pool(num_proc) as pool, contextlib.redirect_stderr(io.StringIO()):  # no progress bar
-        return text_data.tokenize_split(lambda: iter(docs), len(docs), writer, pool)
+        text_data.tokenize_part(text_data.Part("train", docs), writer, pool, num_proc)
+    return writer.tokens
 
 
 def benchmark_documents() -> tuple[list[str], str]:
@@ -200,30 +207,56 @@ def benchmark_documents() -> tuple[list[str], str]:
 
 
 def bench_data(args: argparse.Namespace):
+    """Both pipelines on the same documents, from a list in memory and streamed by the datasets library from a
+    local parquet file (the code path a hub dataset takes, without the network)."""
     docs, what = benchmark_documents()
     num_proc, shard_size = os.cpu_count(), 1_000_000
     print(f"\n## prepare_data: GPT-2 tokens per second, {num_proc} processes each ({cpu_name()})\n")
     print(f"{len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text: {what}.\n")
+    print("| input | prepare_data.py (ordered batches of ~256 KB of text per task) | build-nanogpt fineweb.py "
+          "(Pool.imap, one document per task, chunksize 16) | ratio |")
+    print("| --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = {}
+        parquet = os.path.join(tmp, "parquet")
+        os.makedirs(parquet)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        def run(name: str, prepare: Callable) -> Callable[[], None]:
-            out_dir = os.path.join(tmp, name)
-            os.makedirs(out_dir, exist_ok=True)
-            return lambda: tokens.__setitem__(name, prepare(docs, out_dir, shard_size, num_proc))
+        pq.write_table(pa.table({"text": docs}), os.path.join(parquet, "docs.parquet"), row_group_size=1000)
+        stream = text_data.hf_stream(parquet, None, "train", "text")
+        inputs = {"a list in memory": (lambda skip: iter(docs[skip:]), docs, fineweb_tokenize),
+                  "streamed from parquet by datasets": (stream.documents, parquet_rows(parquet), fineweb_tokenize_row)}
+        for name, (ours_docs, their_docs, their_tokenize) in inputs.items():
+            tokens = {}
 
-        seconds = race({"ours": run("ours", ours_prepare), "fineweb": run("fineweb", fineweb_prepare)}, args.repeats,
-                       "cpu")  # fmt: skip
-        assert tokens["ours"] == tokens["fineweb"], "both must produce the same tokens"
-    rate = {name: tokens[name] / statistics.median(times) for name, times in seconds.items()}
-    print("| pipeline | tokens/s |")
-    print("| --- | ---: |")
-    print(f"| prepare_data.py (ordered batches of ~{text_data.BATCH_CHARS // 1024} KB of text per task) "
-          f"| {rate['ours']:,.0f} |")
-    print(f"| build-nanogpt fineweb.py (Pool.imap, one document per task, chunksize 16) | {rate['fineweb']:,.0f} |")
-    print(f"| **ratio** (median of {args.repeats} alternating rounds, {tokens['ours']:,} tokens each) "
-          f"| **{median_ratio(seconds['fineweb'], seconds['ours']):.2f}x** |")
+            def ours():
+                tokens["ours"] = ours_prepare(ours_docs, fresh_dir(tmp, "ours"), shard_size, num_proc)
+
+            def theirs():
+                out_dir = fresh_dir(tmp, "theirs")
+                tokens["theirs"] = fineweb_prepare(their_docs, out_dir, shard_size, num_proc, their_tokenize)
+
+            seconds = race({"ours": ours, "theirs": theirs}, args.repeats, "cpu")
+            assert tokens["ours"] == tokens["theirs"], "both must produce the same tokens"
+            rate = {who: tokens[who] / statistics.median(times) for who, times in seconds.items()}
+            print(f"| {name} | {rate['ours']:,.0f} | {rate['theirs']:,.0f} "
+                  f"| **{median_ratio(seconds['theirs'], seconds['ours']):.2f}x** |", flush=True)  # fmt: skip
+    print(f"\ntokens/s; median of {args.repeats} alternating rounds, {tokens['ours']:,} tokens each.")
     bench_loader(args, docs)
+
+
+def parquet_rows(folder: str):
+    """fineweb.py's input, streamed: the dataset's rows, as it iterates them."""
+    import datasets
+
+    return datasets.load_dataset(folder, split="train", streaming=True)
+
+
+def fresh_dir(tmp: str, name: str) -> str:
+    path = os.path.join(tmp, name)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
 
 
 def bench_loader(args: argparse.Namespace, docs: list[str]):
@@ -233,7 +266,7 @@ def bench_loader(args: argparse.Namespace, docs: list[str]):
     with tempfile.TemporaryDirectory() as tmp:
         writer = text_data.ShardWriter(tmp, "bench", "train", 200_000)
         with contextlib.redirect_stderr(io.StringIO()):
-            text_data.tokenize_split(lambda: iter(docs), len(docs), writer, None)
+            text_data.tokenize_part(text_data.Part("train", lambda skip: iter(docs[skip:])), writer, None)
         loader = DataLoader(tmp, "train", B, T)
         torch.manual_seed(0)
         model = GPT(config)

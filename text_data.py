@@ -9,13 +9,16 @@ sees where one ends and the next begins. The shard format is train_gpt2.py's (ll
 chapter, so the chapter never imports it.
 """
 
+import collections
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
-import time
-from typing import Callable, Iterable, Iterator
+import sys
+import urllib.request
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -94,6 +97,117 @@ def hub_documents(config: str, hub_split: str) -> Callable[[], Iterator[str]]:
     return lambda: wikitext_articles(lines())
 
 
+STREAM_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}  # datasets' own
+
+
+class Stream(NamedTuple):
+    documents: Callable[[int], Iterator[str]]  # documents(skip): the texts after the first `skip`
+    source: dict  # where the stream comes from, for the manifest
+    identity: dict  # what tells this text from another (not where local files lie), for the settings
+    known_docs: int | None  # how many documents it holds, where the dataset says
+
+
+def hf_stream(name: str, config: str | None, split: str, text_column: str) -> Stream:
+    """A dataset read through the `datasets` library, always streamed (nothing downloaded ahead, nothing held in
+    memory): from the Hugging Face hub by name, or local parquet / jsonl / arrow files, a folder or a glob, which go
+    through the library's own builders on the very same code path."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path, data_files, identity = dataset_location(os.path.expanduser(name))
+    identity |= {"config": config, "split": split, "text_column": text_column}
+    source = {"hf_dataset": name, "config": config, "split": split, "text_column": text_column}
+    try:
+        dataset = datasets.load_dataset(path, config, data_files=data_files, split=split, streaming=True)
+        first = next(iter(dataset), None)
+    except Exception as e:  # the library raises many kinds; each gets one line
+        raise InputError(dataset_error(name, e)) from None
+    if first is None:
+        raise InputError(f"dataset {name} holds no rows (split {split})")
+    if text_column not in first:
+        raise InputError(f"dataset {name} has no column {text_column!r}: its columns are {', '.join(first)}; "
+                         "choose one with --text-column")  # fmt: skip
+
+    def documents(skip: int) -> Iterator[str]:
+        for row in dataset.skip(skip) if skip else dataset:
+            text = row[text_column]
+            if not isinstance(text, str):
+                raise InputError(f"column {text_column!r} of {name} holds {type(text).__name__}, not text")
+            yield text
+
+    splits = getattr(dataset.info, "splits", None) or {}
+    known = splits[split].num_examples if split in splits else None
+    return Stream(documents, source, identity, known or None)
+
+
+def dataset_location(name: str) -> tuple[str, list[str] | None, dict]:
+    """--hf-dataset -> (path, data_files, identity) for datasets.load_dataset: a local folder as it is, local files
+    (a glob or one file) through the builder their extension names, anything else a name on the hub."""
+    if os.path.isdir(name):
+        files = [f for f in sorted(glob.glob(os.path.join(name, "**", "*"), recursive=True)) if os.path.isfile(f)]
+        return name, None, {"files": local_files(files, name)}
+    files = sorted(glob.glob(name)) if glob.has_magic(name) else [name] if os.path.isfile(name) else []
+    if not files:
+        if glob.has_magic(name) or name.startswith((".", "/")):
+            raise InputError(f"--hf-dataset {name} matches no local file or folder")
+        return name, None, {"hub": name}
+    builders = {STREAM_BUILDERS.get(os.path.splitext(f)[1]) for f in files}
+    if len(builders) != 1 or None in builders:
+        kinds = sorted({os.path.splitext(f)[1] or "(no extension)" for f in files})
+        raise InputError(f"--hf-dataset {name}: give files of one kind, {', '.join(STREAM_BUILDERS)} (got "
+                         f"{', '.join(kinds)})")  # fmt: skip
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return builders.pop(), files, {"files": local_files(files, root)}
+
+
+def local_files(paths: list[str], root: str) -> list[list]:
+    """Names within root, and sizes: enough to tell one local dataset from another when a run resumes, wherever the
+    folder has moved to."""
+    return [[os.path.relpath(os.path.abspath(p), root), os.path.getsize(p)] for p in paths]
+
+
+def dataset_error(name: str, e: Exception) -> str:
+    from datasets.exceptions import DatasetNotFoundError
+
+    local = "--hf-dataset also takes a local folder, or a glob of parquet, jsonl or arrow files"
+    if isinstance(e, DatasetNotFoundError):
+        return f"dataset {name} is not on the Hugging Face hub (check the name; a gated one needs a login); {local}"
+    if isinstance(e, ConnectionError):
+        return f"cannot reach the Hugging Face hub for {name} ({first_line(e)}; no network?): {local}"
+    message = first_line(e)
+    if isinstance(e, StopIteration) or "must be greater than 0, got 0" in message:  # how its builders meet no rows
+        return f"dataset {name} holds no rows"
+    if "BuilderConfig" in message or "Config name" in message:
+        return f"--hf-config: {message}"
+    if "split" in message.lower():
+        return f"--hf-split: {message}"
+    return f"cannot read dataset {name}: {message}"
+
+
+def cached_download(url: str, sha256: str, name: str) -> str:
+    """The path of a file downloaded once into the cache ($GPT2_LITE_CACHE, default ~/.cache/gpt2-lite), checked
+    against its sha256 each time it is used."""
+    cache = os.environ.get("GPT2_LITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-lite")
+    path = os.path.join(cache, name)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise InputError(f"{path} is not the file from {url} (its sha256 differs): delete it to download it again")
+        return path
+    print(f"downloading {url} -> {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise InputError(f"cannot download {url} ({first_line(e)}; no network?): put that file at {path}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise InputError(f"the file downloaded from {url} is not the one expected (its sha256 differs); try again")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomically(path, lambda f: f.write(data))
+    return path
+
+
 def split_off_validation(documents: Callable[[], Iterator[str]], total_chars: int, fraction: float):
     """Two document streams: the text's first (1 - fraction) and the rest, cut at a line end."""
     cut = round(total_chars * (1 - fraction))
@@ -136,14 +250,17 @@ def describe(documents: Callable[[], Iterator[str]]) -> dict:
 # Tokenizing and writing shards
 
 
-def tokenize_documents(docs: list[str]) -> np.ndarray:
-    """Documents -> one uint16 array: <|endoftext|>, then the document's tokens, for each."""
+def tokenize_documents(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (tokens, lengths): <|endoftext|> then the document's tokens, for each, in one uint16 array, and
+    each document's share of it (so that a shard's end can be placed at a document and an offset into it)."""
     enc = get_tokenizer()
-    tokens = []
+    tokens, lengths = [], []
     for doc in docs:
+        start = len(tokens)
         tokens.append(EOT_TOKEN)
         tokens.extend(enc.encode_ordinary(doc))
-    return np.array(tokens, dtype=SHARD_DTYPE)  # GPT-2's ids are below 2**16
+        lengths.append(len(tokens) - start)
+    return np.array(tokens, dtype=SHARD_DTYPE), np.array(lengths, dtype=np.int64)  # GPT-2's ids are below 2**16
 
 
 def batched(docs: Iterable[str], max_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
@@ -158,67 +275,134 @@ def batched(docs: Iterable[str], max_chars: int = BATCH_CHARS) -> Iterator[list[
         yield batch
 
 
+def in_order(fn: Callable, items: Iterable, pool, ahead: int) -> Iterator:
+    """map(fn, items) on the pool's processes, results in input order, with at most `ahead` items in flight.
+
+    Pool.imap would do the rest, but it reads its input as fast as it can and queues every result it is not yet
+    asked for: a streamed corpus of billions of tokens would pile up in memory. Here the input is read only as
+    fast as results are used, so memory is bounded by `ahead` batches, however long the stream."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 class ShardWriter:
-    """Collects a split's tokens and writes them out shard_size at a time, each shard atomically.
+    """Collects a split's tokens and writes them out shard_size at a time, each shard atomically, stopping at
+    max_tokens if given. Each shard's record says where the next one starts in the split's documents (a document
+    index and a token offset into it), which is all it takes to resume after the last complete shard."""
 
-    A shard already on disk with exactly the bytes it should have (left by an interrupted run) is kept as it is.
-    """
-
-    def __init__(self, out_dir: str, name: str, split: str, shard_size: int):
+    def __init__(self, out_dir: str, name: str, split: str, shard_size: int, max_tokens: int | None = None,
+                 on_shard: Callable[[], None] = lambda: None, shards: list[dict] | None = None):  # fmt: skip
         self.out_dir, self.name, self.split = out_dir, name, split
         self.buffer = np.empty(shard_size, dtype=SHARD_DTYPE)
         self.filled = 0
-        self.shards: list[dict] = []
+        self.max_tokens = max_tokens
+        self.on_shard = on_shard  # called after each shard is on disk
+        self.shards: list[dict] = list(shards or [])  # those of an interrupted run, to continue after
+        self.written = sum(shard["tokens"] for shard in self.shards)
+        last = self.shards[-1] if self.shards else {"next_doc": 0, "next_offset": 0}
+        self.next_doc, self.next_offset = last["next_doc"], last["next_offset"]
 
-    def add(self, tokens: np.ndarray):
-        while len(tokens):
-            n = min(len(tokens), len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + n] = tokens[:n]
+    def add_document(self, tokens: np.ndarray, offset: int = 0) -> bool:
+        """Add the document next_doc, from its token `offset` on (those before are in the shards already). Returns
+        False once max_tokens is reached: the rest of the split is not wanted."""
+        doc, end = self.next_doc, len(tokens)
+        while offset < end:
+            if self.max_tokens is not None and self.tokens == self.max_tokens:
+                self.next_doc, self.next_offset = doc, offset
+                return False
+            n = min(end - offset, len(self.buffer) - self.filled)
+            if self.max_tokens is not None:
+                n = min(n, self.max_tokens - self.tokens)
+            self.buffer[self.filled : self.filled + n] = tokens[offset : offset + n]
             self.filled += n
-            tokens = tokens[n:]
+            offset += n
             if self.filled == len(self.buffer):
+                self.next_doc, self.next_offset = (doc, offset) if offset < end else (doc + 1, 0)
                 self.flush()
+        self.next_doc, self.next_offset = doc + 1, 0
+        return self.max_tokens is None or self.tokens < self.max_tokens
 
     def flush(self):
+        """Write what the buffer holds as the next shard (the split's last, when called at its end)."""
         if self.filled == 0:
             return
         file = shard_name(self.name, self.split, len(self.shards))
         data = shard_bytes(self.buffer[: self.filled])
-        sha256 = hashlib.sha256(data).hexdigest()
-        path = os.path.join(self.out_dir, file)
-        if not (os.path.isfile(path) and os.path.getsize(path) == len(data) and file_sha256(path) == sha256):
-            write_atomically(path, lambda f: f.write(data))
-        self.shards.append({"file": file, "tokens": self.filled, "sha256": sha256})
+        write_atomically(os.path.join(self.out_dir, file), lambda f: f.write(data))
+        self.shards.append({"file": file, "tokens": self.filled, "sha256": hashlib.sha256(data).hexdigest(),
+                            "next_doc": self.next_doc, "next_offset": self.next_offset})  # fmt: skip
+        self.written += self.filled
         self.filled = 0
+        self.on_shard()
 
     @property
     def tokens(self) -> int:
-        return sum(shard["tokens"] for shard in self.shards) + self.filled
+        return self.written + self.filled
+
+    @property
+    def documents(self) -> int:
+        """Documents with tokens in this split so far (the last one in part, when max_tokens cut it)."""
+        return self.next_doc + (self.next_offset > 0)
 
 
 def write_json(path: str, obj: dict):
     write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class Part(NamedTuple):
+    """A split's documents, and where it stops."""
+
+    split: str
+    documents: Callable[[int], Iterator[str]]  # documents(skip): all but the first `skip`, so a run can continue
+    max_docs: int | None = None
+    max_tokens: int | None = None
+    known_docs: int | None = None  # how many documents there are, where known: the progress bar's time left
 
 
-def tokenize_split(documents: Callable[[], Iterator[str]], n_docs: int, writer: ShardWriter, pool) -> int:
-    """Tokenize a split in order (so the bytes never depend on the number of processes); returns tokens written."""
-    batches = batched(documents(), BATCH_CHARS)
-    results = pool.imap(tokenize_documents, batches) if pool else map(tokenize_documents, batches)
-    start = time.perf_counter()
-    with tqdm(total=n_docs, unit="doc", desc=f"{writer.split:>5}", dynamic_ncols=True) as progress:
-        for tokens in results:
-            writer.add(tokens)
-            progress.update(int(np.count_nonzero(tokens == EOT_TOKEN)))
-            progress.set_postfix_str(f"{writer.tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
+def tokenize_part(part: Part, writer: ShardWriter, pool, workers: int = 1) -> None:
+    """Tokenize a split in order, from where its writer stands, into shards. In order, so that the bytes never
+    depend on the number of processes, nor on how often the run was interrupted."""
+    skip, offset = writer.next_doc, writer.next_offset
+    docs = part.documents(skip)
+    if part.max_docs is not None:
+        docs = itertools.islice(docs, max(0, part.max_docs - skip))
+    # two batches per worker: each has the next to start on while a result is collected
+    batches = in_order(tokenize_documents, batched(docs, BATCH_CHARS), pool, ahead=2 * workers)
+    with split_progress(part, writer) as progress:
+        for tokens in document_tokens(batches):
+            before = writer.tokens
+            more = writer.add_document(tokens, offset)
+            progress.update(writer.tokens - before if progress.unit == "tok" else 1)
+            offset = 0
+            if writer.next_doc % 256 == 0 or not more:
+                progress.set_postfix_str(f"{writer.documents:,} docs, {writer.tokens:,} tokens", refresh=False)
+            if not more:
+                break
     writer.flush()
-    return writer.tokens
 
 
+def document_tokens(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
+    """tokenize_documents' (tokens, lengths) batches -> each document's tokens."""
+    for tokens, lengths in batches:
+        start = 0
+        for length in lengths.tolist():
+            yield tokens[start : start + length]
+            start += length
+
+
+def split_progress(part: Part, writer: ShardWriter) -> tqdm:
+    """A bar in tokens towards max_tokens, or in documents where their number is known (each with its time left),
+    else a count of tokens and their rate; resumed runs start it where they stand."""
+    desc = f"{part.split:>5}"
+    if part.max_tokens is not None or part.known_docs is None:
+        return tqdm(total=part.max_tokens, initial=writer.tokens, unit="tok", unit_scale=True, desc=desc,
+                    dynamic_ncols=True)  # fmt: skip
+    return tqdm(total=part.known_docs, initial=writer.next_doc, unit="doc", desc=desc, dynamic_ncols=True)

@@ -28,18 +28,30 @@ def test_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_data_benchmark_compares_pipelines_that_make_the_same_shards(tmp_path):
-    from bench import fineweb_prepare, ours_prepare
+@pytest.mark.parametrize("streamed", [False, True], ids=["in memory", "streamed from parquet"])
+def test_data_benchmark_compares_pipelines_that_make_the_same_shards(tmp_path, streamed):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import text_data
+    from bench import fineweb_prepare, fineweb_tokenize, fineweb_tokenize_row, ours_prepare, parquet_rows
     from train_gpt2 import load_tokens
 
     docs = ["first document\n", "second, with ünïcödé\n", "third " * 500]
     (tmp_path / "ours").mkdir()
     (tmp_path / "fineweb").mkdir()
-    n_ours = ours_prepare(docs, str(tmp_path / "ours"), 300, 2)
-    assert n_ours == fineweb_prepare(docs, str(tmp_path / "fineweb"), 300, 2)
+    if streamed:
+        (tmp_path / "pq").mkdir()
+        pq.write_table(pa.table({"text": docs}), tmp_path / "pq" / "docs.parquet")
+        ours_docs = text_data.hf_stream(str(tmp_path / "pq"), None, "train", "text").documents
+        their_docs, tokenize = parquet_rows(str(tmp_path / "pq")), fineweb_tokenize_row
+    else:
+        ours_docs, their_docs, tokenize = (lambda skip: iter(docs[skip:])), docs, fineweb_tokenize
+    n_ours = ours_prepare(ours_docs, str(tmp_path / "ours"), 300, 2)
+    assert n_ours == fineweb_prepare(their_docs, str(tmp_path / "fineweb"), 300, 2, tokenize)
     ours = [load_tokens(str(p)).tolist() for p in sorted((tmp_path / "ours").glob("*.bin"))]
     theirs = [load_tokens(str(p)).tolist() for p in sorted((tmp_path / "fineweb").glob("*.bin"))]
-    assert ours == theirs
+    assert ours == theirs and len(ours) > 1
 
 
 def test_train_benchmark_steps_both_models_on_the_same_weights():

@@ -126,19 +126,25 @@ def test_same_bytes_whatever_the_number_of_processes(tmp_path, monkeypatch):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 
 
+def kill_after_shards(command: list[str], out_dir: Path, n_shards: int):
+    """Run prepare_data.py's command into out_dir and SIGKILL it once n_shards train shards are there."""
+    process = subprocess.Popen([*command, "--out-dir", str(out_dir)], cwd=REPO, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out_dir.glob("*_train_*.bin"))) < n_shards and process.poll() is None:
+        assert time.monotonic() < deadline, f"no {n_shards} shards within two minutes"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out_dir / "manifest.json").exists(), "the run finished before it could be killed"
+
+
 def test_a_run_killed_midway_finishes_with_the_same_bytes(tmp_path):
     files = write_files(tmp_path / "in", {f"doc{i}.txt": make_text(2000, seed=i) for i in range(40)})
     command = [sys.executable, "prepare_data.py", "--input", *files, "--shard-size", "300", "--num-proc", "1"]
     subprocess.run([*command, "--out-dir", str(tmp_path / "clean")], cwd=REPO, check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, "--out-dir", str(killed)], cwd=REPO, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(list(killed.glob("*_train_*.bin"))) < 10 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_after_shards(command, killed, 10)
     # every shard that looks finished is finished; the kill may leave a half-written .tmp-* file, which is no shard
     for path in (path for path in killed.glob("*.bin") if not path.name.startswith(".tmp-")):
         assert len(load_tokens(str(path))) == 300
