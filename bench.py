@@ -213,8 +213,8 @@ def bench_data(args: argparse.Namespace):
     num_proc, shard_size = os.cpu_count(), 1_000_000
     print(f"\n## prepare_data: GPT-2 tokens per second, {num_proc} processes each ({cpu_name()})\n")
     print(f"{len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text: {what}.\n")
-    print("| input | prepare_data.py (ordered batches of ~256 KB of text per task) | build-nanogpt fineweb.py "
-          "(Pool.imap, one document per task, chunksize 16) | ratio |")
+    print(f"| input | prepare_data.py (ordered batches of ~{text_data.BATCH_CHARS // 1024} KB of text per task) "
+          "| build-nanogpt fineweb.py (Pool.imap, one document per task, chunksize 16) | ratio |")
     print("| --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         parquet = os.path.join(tmp, "parquet")

@@ -23,6 +23,7 @@ never interrupted.
 
 import argparse
 import itertools
+import math
 import multiprocessing
 import os
 import re
@@ -207,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def token_count(text: str) -> int:
     """'3e9', '3000000000' or '3_000_000_000' -> 3000000000."""
     value = float(text)
-    if value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:
         raise argparse.ArgumentTypeError(f"a whole number of tokens, at least 1, e.g. 3e9 (got {text!r})")
     return int(value)
 
@@ -219,6 +220,8 @@ def check_sources(parser: ArgumentParser, args: argparse.Namespace):
     if len(given) > 1:
         parser.error(f"give one source of text: {' or '.join(given)}")
     if args.dataset == "fineweb-edu":
+        if args.hf_config:
+            parser.error("--hf-config goes with --hf-dataset: --dataset fineweb-edu reads sample-10BT")
         args.hf_dataset, args.hf_config = FINEWEB_EDU
     elif args.dataset is None and not args.input and not args.hf_dataset:
         args.dataset = "wikitext-103-raw-v1"
@@ -229,7 +232,8 @@ def check_sources(parser: ArgumentParser, args: argparse.Namespace):
     if misplaced:
         parser.error(f"{misplaced[0]} goes with --hf-dataset or --dataset fineweb-edu (a streamed dataset)")
     if (args.val_input or args.val_fraction is not None) and not (args.input or args.dataset == "tinyshakespeare"):
-        parser.error("--val-input and --val-fraction go with --input (a hub dataset has its own validation split)")
+        parser.error("--val-input and --val-fraction go with --input or --dataset tinyshakespeare (the other "
+                     "datasets hold validation text of their own)")
     if args.val_input and args.val_fraction is not None:
         parser.error("give --val-input or --val-fraction, not both")
     if args.dataset == "tinyshakespeare" and args.val_input:
@@ -307,20 +311,19 @@ def write_parts(args: argparse.Namespace, parts: list[Part], progress: dict) -> 
     try:
         for part in parts:
             record = progress["splits"].setdefault(part.split, {"shards": [], "done": False})
-            if record["done"]:
-                continue
-            writer = ShardWriter(args.out_dir, args.name, part.split, args.shard_size, part.max_tokens,
-                                 shards=record["shards"])  # fmt: skip
-            writer.on_shard = lambda: (record.update(shards=writer.shards), write_json(progress_path, progress))
-            tokenize_part(part, writer, pool, args.num_proc)
-            record.update(shards=writer.shards, done=True, documents=writer.documents, tokens=writer.tokens)
-            write_json(progress_path, progress)
-            check_split(args, part.split, progress["splits"])
+            if not record["done"]:
+                writer = ShardWriter(args.out_dir, args.name, part.split, args.shard_size, part.max_tokens,
+                                     shards=record["shards"])  # fmt: skip
+                writer.on_shard = lambda: (record.update(shards=writer.shards), write_json(progress_path, progress))
+                tokenize_part(part, writer, pool, args.num_proc)
+                record.update(shards=writer.shards, done=True, documents=writer.documents, tokens=writer.tokens)
+                write_json(progress_path, progress)
+            check_split(args, part.split, progress["splits"])  # again on a rerun: a split done is not a split right
     finally:
         if pool:
             pool.terminate()
     keys = ("documents", "tokens", "shards")
-    return {split: {key: info[key] for key in keys} for split, info in progress["splits"].items()}
+    return {part.split: {key: progress["splits"][part.split][key] for key in keys} for part in parts}
 
 
 def check_split(args: argparse.Namespace, split: str, splits: dict):
@@ -351,6 +354,8 @@ def main(argv: list[str] | None = None):
     }
     progress = prepare_out_dir(args.out_dir, settings, args.overwrite)
     if progress is None:
+        if os.path.isfile(os.path.join(args.out_dir, PROGRESS_NAME)):  # left by a kill after the manifest landed
+            os.remove(os.path.join(args.out_dir, PROGRESS_NAME))
         print(f"{args.out_dir} already holds these shards (manifest.json matches): nothing to do")
         return
     try:
@@ -358,6 +363,9 @@ def main(argv: list[str] | None = None):
     except OSError as e:  # a connection dropped mid-stream, a full disk: the complete shards are kept
         raise InputError(f"stopped ({first_line(e)}): run the same command again, and it continues after the last "
                          "complete shard") from None  # fmt: skip
+    except ValueError as e:  # a row the dataset's builder cannot parse (pyarrow's errors are ValueErrors)
+        raise InputError(f"cannot read the text ({first_line(e)}): fix the data, or pass --overwrite with other "
+                         "input; the complete shards are kept") from None  # fmt: skip
     manifest = {
         "format": "llm.c token shards: a header of 256 int32 (magic, version, token count), then uint16 tokens",
         "tokenizer": "gpt2",

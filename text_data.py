@@ -114,11 +114,18 @@ def hf_stream(name: str, config: str | None, split: str, text_column: str) -> St
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as our one line instead
     path, data_files, identity = dataset_location(os.path.expanduser(name))
     identity |= {"config": config, "split": split, "text_column": text_column}
     source = {"hf_dataset": name, "config": config, "split": split, "text_column": text_column}
     try:
-        dataset = datasets.load_dataset(path, config, data_files=data_files, split=split, streaming=True)
+        revision = None
+        if "hub" in identity:  # pinned: a run resumed after the dataset changed on the hub reads what it started on
+            from huggingface_hub import HfApi
+
+            revision = identity["revision"] = source["revision"] = HfApi().dataset_info(name).sha
+        dataset = datasets.load_dataset(path, config, data_files=data_files, split=split, revision=revision,
+                                        streaming=True)  # fmt: skip
         first = next(iter(dataset), None)
     except Exception as e:  # the library raises many kinds; each gets one line
         raise InputError(dataset_error(name, e)) from None
@@ -168,9 +175,10 @@ def local_files(paths: list[str], root: str) -> list[list]:
 
 def dataset_error(name: str, e: Exception) -> str:
     from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.utils import RepositoryNotFoundError  # where every version of the library has it
 
     local = "--hf-dataset also takes a local folder, or a glob of parquet, jsonl or arrow files"
-    if isinstance(e, DatasetNotFoundError):
+    if isinstance(e, (DatasetNotFoundError, RepositoryNotFoundError)):
         return f"dataset {name} is not on the Hugging Face hub (check the name; a gated one needs a login); {local}"
     if isinstance(e, ConnectionError):
         return f"cannot reach the Hugging Face hub for {name} ({first_line(e)}; no network?): {local}"
@@ -299,12 +307,12 @@ class ShardWriter:
     index and a token offset into it), which is all it takes to resume after the last complete shard."""
 
     def __init__(self, out_dir: str, name: str, split: str, shard_size: int, max_tokens: int | None = None,
-                 on_shard: Callable[[], None] = lambda: None, shards: list[dict] | None = None):  # fmt: skip
+                 shards: list[dict] | None = None):  # fmt: skip
         self.out_dir, self.name, self.split = out_dir, name, split
         self.buffer = np.empty(shard_size, dtype=SHARD_DTYPE)
         self.filled = 0
         self.max_tokens = max_tokens
-        self.on_shard = on_shard  # called after each shard is on disk
+        self.on_shard: Callable[[], None] = lambda: None  # called after each shard is on disk
         self.shards: list[dict] = list(shards or [])  # those of an interrupted run, to continue after
         self.written = sum(shard["tokens"] for shard in self.shards)
         last = self.shards[-1] if self.shards else {"next_doc": 0, "next_offset": 0}

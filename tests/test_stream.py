@@ -273,6 +273,8 @@ def test_bad_streamed_input_gets_one_line_and_leaves_nothing_looking_finished(tm
     assert_one_line_error(run_prepare("--max-tokens", "1e9", *out), "--max-tokens goes with --hf-dataset")
     assert_one_line_error(run_prepare("--input", source, "--hf-dataset", source, *out), "give one source of text")
     assert_one_line_error(run_prepare("--hf-dataset", source, "--max-tokens", "1.5", *out), "a whole number")
+    assert_one_line_error(run_prepare("--hf-dataset", source, "--max-tokens", "inf", *out), "a whole number")
+    assert_one_line_error(run_prepare("--dataset", "fineweb-edu", "--hf-config", "x", *out), "reads sample-10BT")
     assert not (tmp_path / "out").exists(), "nothing is written before the input is known to be good"
 
     empty = write_files(tmp_path / "empty", {"part-0.jsonl": ""})[0]
@@ -288,6 +290,36 @@ def test_bad_streamed_input_gets_one_line_and_leaves_nothing_looking_finished(tm
     assert not (tmp_path / "out" / "manifest.json").exists()
     result = run_prepare("--hf-dataset", source, "--val-docs", "60", "--shard-size", "1000", *out, "--overwrite")
     assert_one_line_error(result, "the train split is empty: the stream's 60 documents all went to validation")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_rerun_checks_again_and_clears_what_a_kill_left_behind(tmp_path):
+    """A rerun of a run refused after its validation split is refused again (not finished with a manifest), and a
+    progress file left by a kill just after the manifest landed is removed by the next run."""
+    source = str(write_parquet(tmp_path / "pq", DOCS))
+    out = tmp_path / "out"
+    refused = ["--hf-dataset", source, "--val-docs", "30", "--shard-size", "1000", "--max-tokens", "1000",
+               "--out-dir", str(out)]  # fmt: skip
+    for _ in range(2):
+        with pytest.raises(prepare_data.InputError, match="below the validation split"):
+            prepare(*refused)
+        assert not (out / "manifest.json").exists()
+    prepare("--hf-dataset", source, "--val-docs", "3", "--shard-size", "1000", "--out-dir", str(out), "--overwrite")
+    manifest = (out / "manifest.json").read_bytes()
+    assert list(json.loads(manifest)["splits"]) == ["val", "train"]
+    (out / prepare_data.PROGRESS_NAME).write_text("{}")
+    prepare("--hf-dataset", source, "--val-docs", "3", "--shard-size", "1000", "--out-dir", str(out))
+    assert not (out / prepare_data.PROGRESS_NAME).exists() and (out / "manifest.json").read_bytes() == manifest
+    (out / "pq_val_000000.bin").unlink()  # the first split damaged: rewritten, and the manifest keeps its order
+    prepare("--hf-dataset", source, "--val-docs", "3", "--shard-size", "1000", "--out-dir", str(out))
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
+def test_a_row_the_builder_cannot_parse_gets_one_line(tmp_path):
+    folder = write_jsonl(tmp_path / "jsonl", DOCS)
+    (folder / "part-9.jsonl").write_text('{"text": "fine"}\n{"text": not json\n')
+    result = run_prepare("--hf-dataset", str(folder / "*.jsonl"), "--val-docs", "3", "--out-dir", str(tmp_path / "out"))
+    assert_one_line_error(result, "cannot read the text")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
