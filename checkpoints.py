@@ -29,6 +29,27 @@ def save_checkpoint(path: str, model: torch.nn.Module, **extra):
     write_atomically(path, lambda f: torch.save(state, f))
 
 
+class ByteCounter:
+    """A file that keeps nothing, only counts what is written to it."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.bytes += len(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+def checkpoint_size(model: torch.nn.Module, **extra) -> int:
+    """The bytes save_checkpoint would write for the same state, counted without writing them anywhere."""
+    counter = ByteCounter()
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), **extra}, counter)
+    return counter.bytes
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint written by save_checkpoint, read with weights_only=True (no arbitrary code from the file)."""
     try:

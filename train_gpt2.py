@@ -41,9 +41,11 @@ References:
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import re
+import statistics
 import sys
 import threading
 import time
@@ -59,9 +61,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.torch_version import TorchVersion
 
 import evaluation
+import planning
 from checkpoints import (
     LOG_NAME,  # noqa: F401 (moved there; the tests, and scripts written against older versions, import it from here)
     checkpoint_path,
+    checkpoint_size,
     load_checkpoint,
     log_event,
     open_run,
@@ -71,6 +75,7 @@ from checkpoints import (
     rotate_checkpoints,
     save_checkpoint,
     set_rng_states,
+    step_checkpoints,
     truncate_log,
 )
 from common import ArgumentParser, InputError, first_line, read_json, run_cli
@@ -620,6 +625,7 @@ class DataLoader:
         self.seed, self.shuffle = seed, shuffle
         self.stride = batch_size * seq_len * world_size  # tokens all ranks consume per batch
         lengths = [len(load_tokens(path)) for path in self.paths]
+        self.total_tokens = sum(lengths)
         if max(lengths) < self.stride + 1:
             raise InputError(
                 f"the {split} shards in {data_dir} hold at most {max(lengths):,} tokens each, but one batch needs "
@@ -935,6 +941,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--run-dir", default="runs/gpt2-124m", help="where checkpoints and log.jsonl go")
     add("--init-from", help="start from gpt2, gpt2-medium, ..., a save_pretrained folder or a checkpoint")
     add("--resume", action="store_true", help="continue --run-dir from its latest checkpoint (or start it)")
+    add("--plan", action="store_true", help="print what this run will take (time, memory, disk, passes) and exit")
     # model
     add("--n-layer", type=int, default=12, help="transformer blocks")
     add("--n-head", type=int, default=12, help="attention heads per block")
@@ -1026,6 +1033,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
+    precision: str  # what choose_precision picked, and why
+    why: str
+    compiled: bool  # whether torch.compile works here (wrap_model tried)
     train_loader: DataLoader
     val_loader: DataLoader
     grad_accum_steps: int
@@ -1048,25 +1058,28 @@ class Run:
         if self.master:
             print(*parts, flush=True)
 
-    def save(self, path: str, step: int):
-        """All the state a run needs to continue exactly; every process must call it (RNG states are gathered)."""
+    def state(self, step: int) -> dict:
+        """All the state a run needs to continue exactly, beside the model's; every process must call it (RNG
+        states are gathered)."""
         rng = [rng_states(self.device)]
         if self.world_size > 1:
             rng = [None] * self.world_size
             dist.all_gather_object(rng, rng_states(self.device))
+        return dict(
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            step=step,
+            args=vars(self.args),
+            train_loader=self.train_loader.state_dict(),
+            best_val_loss=self.best_val_loss,
+            evals_without_improvement=self.evals_without_improvement,
+            rng=rng,
+        )
+
+    def save(self, path: str, step: int):
+        state = self.state(step)
         if self.master:
-            save_checkpoint(
-                path,
-                self.raw_model,
-                optimizer=self.optimizer.state_dict(),
-                scaler=self.scaler.state_dict(),
-                step=step,
-                args=vars(self.args),
-                train_loader=self.train_loader.state_dict(),
-                best_val_loss=self.best_val_loss,
-                evals_without_improvement=self.evals_without_improvement,
-                rng=rng,
-            )
+            save_checkpoint(path, self.raw_model, **state)
         if os.path.basename(path) != "best.pt":
             self.last_checkpoint = path
 
@@ -1105,7 +1118,7 @@ def resume_from(run: Run, checkpoint: dict):
         set_rng_states(checkpoint["rng"][run.rank], run.device)
 
 
-def describe_run(run: Run, precision: str, why: str, compiled: bool, peak_source: str, resumed_from: str | None):
+def describe_run(run: Run, peak_source: str, resumed_from: str | None, plan: bool):
     """What the run chose, printed before its first step."""
     args, model, optimizer = run.args, run.raw_model, run.optimizer
     decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
@@ -1115,26 +1128,33 @@ def describe_run(run: Run, precision: str, why: str, compiled: bool, peak_source
         f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
     )
     run.say(
-        f"device {run.device} x {run.world_size} process(es) | precision {precision} ({why}) | compile {compiled} | "
+        f"device {run.device} x {run.world_size} process(es) | precision {run.precision} ({run.why}) | "
+        f"compile {run.compiled} | "
         f"fused AdamW {bool(optimizer.defaults.get('fused'))}"
     )
     run.say(
         f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {run.world_size} process(es) "
         f"x {run.grad_accum_steps} accumulation steps | mfu against the {peak_source}, {run.peak / 1e12:.3g} TFLOP/s"
     )
-    run.say(
-        f"resuming at step {run.step} of {args.max_steps} from {resumed_from}"
-        if resumed_from
-        else f"starting at step 0 of {args.max_steps} in {args.run_dir}"
-    )
+    where = f"from {resumed_from}" if resumed_from else f"in {args.run_dir}"
+    doing = "planning a run" if plan else "resuming" if resumed_from else "starting"
+    run.say(f"{doing} at step {run.step} of {args.max_steps} {where}" + (" (nothing is written)" if plan else ""))
 
 
-def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int) -> Run:
+def load_hellaswag(args: argparse.Namespace) -> list[dict]:
+    path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE, "--hellaswag-data")
+    return hellaswag_examples(path)[: args.hellaswag_limit or None]
+
+
+def start_run(
+    args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int, plan: bool = False
+) -> Run:
     """Everything before the first step: the device, the run directory (resumed or new), the data, the model, its
-    precision, optimizer and wrappers, and where a resumed run left off. Prints what it chose."""
+    precision, optimizer and wrappers, and where a resumed run left off. Prints what it chose. A plan builds the
+    same run and writes nothing: a run directory that would be refused is the plan's warning to give."""
     device = training_device(args.device, local_rank, world_size)
     say = functools.partial(print, flush=True) if rank == 0 else (lambda *parts: None)
-    checkpoint, resumed_from = open_run(args.run_dir, args.resume, say)
+    checkpoint, resumed_from = open_run(args.run_dir, args.resume, say) if args.resume or not plan else (None, None)
     for name, value in (checkpoint or {}).get("args", {}).items():
         if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
             setattr(args, name, value)
@@ -1144,13 +1164,11 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
     # data first: a missing or too small data folder is found before any model is built
     train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
     val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
-    hellaswag = None
-    if args.hellaswag_interval:
-        path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE, "--hellaswag-data")
-        hellaswag = hellaswag_examples(path)[: args.hellaswag_limit or None]
+    hellaswag = load_hellaswag(args) if args.hellaswag_interval and not plan else None  # a plan downloads nothing
     if world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
-    os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
+    if not plan:
+        os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
 
     torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
     raw_model = build_model(args, given, checkpoint).to(device)
@@ -1174,6 +1192,9 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
         optimizer=optimizer,
         scaler=scaler,
         autocast=autocast,
+        precision=precision,
+        why=why,
+        compiled=compiled,
         train_loader=train_loader,
         val_loader=val_loader,
         grad_accum_steps=grad_accum_steps,
@@ -1184,9 +1205,9 @@ def start_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: 
     )
     if checkpoint is not None:
         resume_from(run, checkpoint)
-    if run.master:
+    if run.master and not plan:
         truncate_log(args.run_dir, run.step)
-    describe_run(run, precision, why, compiled, peak_source, resumed_from)
+    describe_run(run, peak_source, resumed_from, plan)
     return run
 
 
@@ -1238,8 +1259,16 @@ def log_sample(run: Run, step: int):
     log_event(run.args.run_dir, step=step, split="sample", text=text)
 
 
-def train_step(run: Run, step: int):
-    """One optimizer step: accumulate the gradient over the micro batches, clip it, set the lr, step, log."""
+class StepResult(NamedTuple):
+    loss: float
+    lr: float
+    norm: float
+    skipped: bool  # fp16 gradients overflowed, and GradScaler skipped the step
+    seconds: float
+
+
+def optimizer_step(run: Run, step: int) -> StepResult:
+    """One optimizer step: accumulate the gradient over the micro batches, clip it, set the lr, step."""
     args = run.args
     t0 = time.perf_counter()
     loss = accumulate_gradients(run.model, run.train_loader, run.grad_accum_steps, run.autocast, run.scaler, run.device)
@@ -1248,7 +1277,13 @@ def train_step(run: Run, step: int):
     lr = get_lr(step, args.warmup_steps, args.max_steps, args.max_lr, args.min_lr)
     norm, skipped = step_optimizer(run.model, run.optimizer, run.scaler, lr, args.grad_clip)
     loss_value, norm_value = loss.item(), norm.item()  # waits for the GPU, so the clock below is honest
-    dt = time.perf_counter() - t0
+    return StepResult(loss_value, lr, norm_value, skipped, time.perf_counter() - t0)
+
+
+def train_step(run: Run, step: int):
+    """One optimizer step, checked and logged."""
+    args = run.args
+    loss_value, lr, norm_value, skipped, dt = optimizer_step(run, step)
     if not math.isfinite(loss_value):
         where = f"the last checkpoint, {run.last_checkpoint}, is intact" if run.last_checkpoint else "no checkpoint yet"
         raise InputError(
@@ -1303,11 +1338,80 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
         train_step(run, step)
 
 
+# --plan: the run built as training builds it, a few of its real optimizer steps timed, and what the whole run
+# will take (planning.py does the arithmetic); nothing is written
+
+
+def time_steps(run: Run) -> tuple[float, int]:
+    """Seconds per optimizer step, the median of real steps after one warm-up step (which compiles and allocates
+    the optimizer's state), and the peak memory: CUDA's allocator peak, or the process's resident peak on a CPU.
+    Three steps, or one where a step takes long; every process takes as many (they all-reduce together)."""
+    cuda = torch.device(run.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    warmup = torch.tensor(optimizer_step(run, run.step).seconds, device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(warmup, op=dist.ReduceOp.MAX)
+    steps = 3 if warmup.item() < 20 else 1
+    seconds = statistics.median(optimizer_step(run, run.step).seconds for _ in range(steps))
+    return seconds, torch.cuda.max_memory_allocated(run.device) if cuda else planning.resident_peak_bytes()
+
+
+def plan_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int):
+    run = start_run(args, given, rank, local_rank, world_size, plan=True)
+    seconds_per_step, peak_memory = time_steps(run)
+    t0 = time.perf_counter()
+    estimate_loss(run.model, run.val_loader, args.eval_steps, run.autocast, run.device)  # one validation, timed
+    eval_seconds = time.perf_counter() - t0
+    config = run.raw_model.config
+    if torch.device(run.device).type == "cuda":
+        device, memory = (
+            torch.cuda.get_device_name(run.device),
+            torch.cuda.get_device_properties(run.device).total_memory,
+        )
+        sequences_per_step = args.total_batch_size // (args.seq_len * world_size)
+        largest = planning.largest_micro_batch(
+            run.raw_model, run.autocast, run.scaler, run.device, args.seq_len, sequences_per_step
+        )
+    else:
+        device, memory, largest = run.device, planning.physical_memory_bytes(), None
+    facts = planning.Facts(
+        parameters=sum(p.numel() for p in run.raw_model.parameters()),
+        **{name: getattr(args, name) for name in planning.RUN_SETTINGS},
+        model=f"{config.n_layer} layers, width {config.n_embd}, context {config.block_size}",
+        train_tokens=run.train_loader.total_tokens,
+        val_tokens=run.val_loader.total_tokens,
+        world_size=world_size,
+        grad_accum_steps=run.grad_accum_steps,
+        start_step=run.step,
+        device=device,
+        precision=run.precision,
+        why=run.why,
+        compiled=run.compiled,
+        attention=planning.attention_kernel(
+            config, args.batch_size, args.seq_len, PRECISIONS[run.precision], run.device
+        ),
+        seconds_per_step=seconds_per_step,
+        eval_seconds=eval_seconds,
+        mfu=run.mfu(args.total_batch_size / seconds_per_step),
+        peak_memory_bytes=peak_memory,
+        device_memory_bytes=memory,
+        checkpoint_bytes_each=checkpoint_size(run.raw_model, **run.state(run.step)),  # counted, not written
+        largest_micro_batch=largest,
+        run_dir_holds_a_run=bool(step_checkpoints(args.run_dir)),
+        in_colab="COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules,
+    )
+    plan = planning.make_plan(facts)
+    for line in planning.plan_lines(facts, plan):
+        run.say(line)
+    run.say(json.dumps(plan))  # the same plan, for the notebook and scripts to read
+
+
 def main(argv: list[str] | None = None):
     args, given = parse_args(argv)
     rank, local_rank, world_size = setup_distributed()
     try:
-        train(args, given, rank, local_rank, world_size)
+        (plan_run if args.plan else train)(args, given, rank, local_rank, world_size)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(resume_hint(args.run_dir)) from None
     finally:

@@ -1,6 +1,6 @@
 """The CUDA path, proven on a GPU: GPT-2 124M at the Colab T4's and the RTX 4080's settings within a 16 GB card's
-memory, a run killed and resumed on the GPU, checkpoints mapped to the GPU, sampling and evaluation there, and
-two-process NCCL DDP with torch.compile where two GPUs exist.
+memory, --plan's largest micro batch within a T4's, a run killed and resumed on the GPU, checkpoints mapped to the
+GPU, sampling and evaluation there, and two-process NCCL DDP with torch.compile where two GPUs exist.
 
 Every test is marked `gpu` and skips where CUDA is absent, so the CPU suite stays green. With a GPU:
 
@@ -94,6 +94,23 @@ def test_the_124m_model_learns_at_a_cards_settings_within_its_memory(card, text_
     # scale, 65,536 at the start, would show here
     assert all(norm < 1000 for _, norm in kept), [norm for _, norm in kept]
     assert (run / "ckpt_000012.pt").is_file() and "step 12 sample:" in out
+
+
+def test_the_plan_finds_the_largest_micro_batch_that_fits_a_t4(text_data, tmp_path, monkeypatch, capsys):
+    """--plan at the T4's settings within a T4's memory: the seed's micro batch of 4 fits, the largest one the plan
+    reports trains a real step there, and twice that does not fit."""
+    argv = ["--data-dir", str(text_data), "--run-dir", str(tmp_path / "run"), "--seq-len", "1024",
+            "--total-batch-size", "65536", "--max-steps", "10", "--warmup-steps", "2", "--eval-steps", "1",
+            "--sample-interval", "0", "--dtype", "fp16", "--no-compile"]  # fmt: skip
+    out = train_within(14.0, [*argv, "--batch-size", "4", "--plan"], monkeypatch, tmp_path, capsys)
+    plan = json.loads(out.strip().splitlines()[-1])
+    largest = plan["largest_micro_batch"]
+    assert largest >= 4 and f"--batch-size {largest} keeps 65,536 tokens a step" in out, out
+    assert plan["peak_memory_bytes"] < 14 * GIB and not (tmp_path / "run").exists()
+    train_within(14.0, [*argv, "--batch-size", str(largest), "--max-steps", "3"], monkeypatch, tmp_path, capsys)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train_within(14.0, [*argv, "--batch-size", str(2 * largest), "--max-steps", "3", "--run-dir",
+                            str(tmp_path / "too-big")], monkeypatch, tmp_path, capsys)  # fmt: skip
 
 
 def test_rng_states_mapped_to_the_gpu_restore_both_generators(tmp_path):

@@ -163,13 +163,16 @@ TINY_RUN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size",
             "--min-lr", "3e-4", "--eval-steps", "2", "--device", "cpu"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """Shards of generated text: enough for tiny runs, no shared data needed."""
-    folder = tmp_path_factory.mktemp("small-data")
+def small_shards(folder: Path) -> Path:
+    """Shards of generated text in folder/data: enough for tiny runs, no shared data needed."""
     files = write_files(folder / "in", {f"doc{i}.txt": make_text(1500, seed=i) for i in range(4)})
     prepare_data.main(["--input", *files, "--out-dir", str(folder / "data"), "--shard-size", "3000", "--num-proc", "1"])
     return folder / "data"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return small_shards(tmp_path_factory.mktemp("small-data"))
 
 
 def run_train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -1,0 +1,227 @@
+"""
+What `python train_gpt2.py --plan` works out: from what the run is (its model, data, batch and schedule) and what a
+few of its real steps measured (train_gpt2.plan_run builds the run and times them), how many tokens it reads, how
+often it passes over its data, how long it takes, what disk its checkpoints need, and what to change before
+starting it; and two questions for the device: which attention kernel PyTorch will run, and the largest micro
+batch that fits. Nothing here writes a file.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+# Hoffmann et al. 2022 ("Chinchilla"): about 20 training tokens per parameter is compute-optimal
+COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20
+# the seed's 124M run overfit WikiText-103 after about 9,000 steps of 65,536 tokens: some five passes
+MAX_PASSES = 4
+MEMORY_WARNING_SHARE = 0.9
+COLAB_SESSION_HOURS = 12  # a free Colab session's limit at most; most end sooner, when idle or busy
+
+
+# the run's own flags among the facts
+RUN_SETTINGS = ("batch_size", "seq_len", "max_steps", "eval_interval", "ckpt_interval", "keep_last", "patience",
+                "run_dir", "resume")  # fmt: skip
+
+
+@dataclass
+class Facts:
+    """What the run is, and what measuring it found: everything the plan is computed from."""
+
+    parameters: int
+    model: str  # layers, width, context, in words
+    train_tokens: int
+    val_tokens: int
+    batch_size: int
+    seq_len: int
+    world_size: int
+    grad_accum_steps: int
+    start_step: int
+    max_steps: int
+    eval_interval: int
+    ckpt_interval: int
+    keep_last: int
+    patience: int
+    device: str
+    precision: str
+    why: str
+    compiled: bool
+    attention: str
+    seconds_per_step: float
+    eval_seconds: float
+    mfu: float
+    peak_memory_bytes: int
+    device_memory_bytes: int | None  # None where it cannot be read
+    checkpoint_bytes_each: int
+    largest_micro_batch: int | None  # CUDA only: the largest power of two that fits at these shapes
+    run_dir: str
+    run_dir_holds_a_run: bool
+    resume: bool
+    in_colab: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.world_size * self.grad_accum_steps
+
+
+def evaluations(start_step: int, max_steps: int, interval: int) -> int:
+    """How many validation losses the loop computes from start_step on: every interval steps, and at the end."""
+    due = sum(1 for step in range(start_step, max_steps + 1) if step % interval == 0)
+    return due + (max_steps % interval != 0)
+
+
+def make_plan(f: Facts) -> dict:
+    """The plan as numbers: the JSON object that --plan prints last."""
+    steps = f.max_steps - f.start_step
+    total_tokens = f.tokens_per_step * f.max_steps
+    seconds = steps * f.seconds_per_step + evaluations(f.start_step, f.max_steps, f.eval_interval) * f.eval_seconds
+    return {
+        "tokens_per_step": f.tokens_per_step,
+        "grad_accum_steps": f.grad_accum_steps,
+        "steps": steps,
+        "total_tokens": total_tokens,
+        "epochs": total_tokens / f.train_tokens,
+        "tokens_per_parameter": total_tokens / f.parameters,
+        "ms_per_step": f.seconds_per_step * 1000,
+        "tokens_per_second": f.tokens_per_step / f.seconds_per_step,
+        "mfu": f.mfu,
+        "peak_memory_bytes": f.peak_memory_bytes,
+        "estimated_seconds": seconds,
+        "seconds_between_checkpoints": checkpoint_seconds(f),
+        "checkpoint_bytes": (f.keep_last + 1) * f.checkpoint_bytes_each,  # the last --keep-last, and best.pt
+        "largest_micro_batch": f.largest_micro_batch,
+        "warnings": warnings(f, total_tokens / f.train_tokens, seconds),
+    }
+
+
+def checkpoint_seconds(f: Facts) -> float | None:
+    """Time between two checkpoints, evaluations included; None when the run writes one only at its end."""
+    if not f.ckpt_interval:
+        return None
+    return f.ckpt_interval * f.seconds_per_step + f.ckpt_interval / f.eval_interval * f.eval_seconds
+
+
+def warnings(f: Facts, epochs: float, seconds: float) -> list[str]:
+    """What to change before starting, each with its reason and the flag that changes it."""
+    found = []
+    if epochs > MAX_PASSES:
+        found.append(
+            f"the run reads its training split {epochs:.1f} times; the seed's 124M run overfit WikiText-103 after "
+            "about five passes: prepare more data (prepare_data.py --dataset fineweb-edu), lower --max-steps, or "
+            f"let --patience stop the run when validation stops improving (now {f.patience or 'off'})"
+        )
+    if f.device_memory_bytes and f.peak_memory_bytes > MEMORY_WARNING_SHARE * f.device_memory_bytes:
+        found.append(
+            f"peak memory {gib(f.peak_memory_bytes)} is above {MEMORY_WARNING_SHARE:.0%} of the device's "
+            f"{gib(f.device_memory_bytes)}: lower --batch-size and keep --total-batch-size (more accumulation steps, "
+            "the same training)"
+        )
+    if f.in_colab and seconds > COLAB_SESSION_HOURS * 3600 and not f.run_dir.startswith("/content/drive"):
+        found.append(
+            f"the run takes {duration(seconds)}, longer than a free Colab session, and --run-dir {f.run_dir} is not "
+            "on Drive: put it under /content/drive so checkpoints outlive the session, and rerun with --resume"
+        )
+    if f.run_dir_holds_a_run and not f.resume:
+        found.append(f"{f.run_dir} already holds a run, and the run would refuse it: pass --resume to continue it")
+    return found
+
+
+def plan_lines(f: Facts, plan: dict) -> list[str]:
+    """The plan in words, a line per question."""
+    lines = [
+        f"model: {f.parameters:,} parameters ({f.model})",
+        f"data: {f.train_tokens:,} training tokens, {f.val_tokens:,} validation tokens",
+        f"batch: {f.batch_size} x {f.seq_len} tokens x {f.world_size} process(es) x {f.grad_accum_steps} "
+        f"accumulation steps = {f.tokens_per_step:,} tokens a step",
+        f"run: {plan['steps']:,} steps" + (f" (from step {f.start_step:,} of {f.max_steps:,})" if f.start_step else "")
+        + f", {plan['total_tokens']:,} tokens in all: {plan['epochs']:.2f} passes over the training split, "
+        f"{plan['tokens_per_parameter']:.1f} tokens per parameter (~{COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER} is "
+        "compute-optimal)",
+        f"device: {f.device} | precision {f.precision} ({f.why}) | compile {f.compiled} | attention {f.attention}",
+        f"measured: {plan['ms_per_step']:,.0f} ms a step, {plan['tokens_per_second']:,.0f} tokens/s, MFU "
+        f"{f.mfu:.0%}, peak memory {gib(f.peak_memory_bytes)}"
+        + (f" of {gib(f.device_memory_bytes)}" if f.device_memory_bytes else ""),
+        f"time: about {duration(plan['estimated_seconds'])} (steps and validation; samples and HellaSwag not counted)"
+        + (f", {duration(plan['seconds_between_checkpoints'])} between checkpoints"
+           if plan["seconds_between_checkpoints"] else ", one checkpoint at the end"),
+        f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints ({f.keep_last} kept + best.pt, "
+        f"{gib(f.checkpoint_bytes_each)} each)",
+    ]  # fmt: skip
+    if f.largest_micro_batch:
+        accumulation = f.tokens_per_step // (f.largest_micro_batch * f.seq_len * f.world_size)
+        lines.append(
+            f"memory: a micro batch of up to {f.largest_micro_batch} x {f.seq_len} fits this device: --batch-size "
+            f"{f.largest_micro_batch} keeps {f.tokens_per_step:,} tokens a step with {accumulation} accumulation steps"
+        )
+    lines += [f"warning: {warning}" for warning in plan["warnings"]] or ["warnings: none"]
+    return lines
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's RAM, where the OS says (None on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def resident_peak_bytes() -> int:
+    """The most resident memory this process has held so far (0 where the OS does not say: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux kilobytes
+
+
+def attention_kernel(config, batch_size: int, seq_len: int, dtype: torch.dtype, device: str) -> str:
+    """The kernel scaled_dot_product_attention dispatches to at the run's shapes, precision and dropout, asked of
+    PyTorch's own dispatcher (a private function: "unknown" where a version lacks it)."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(batch_size, config.n_head, seq_len, config.n_embd // config.n_head, dtype=dtype, device=device)
+    try:
+        backend = SDPBackend(torch._fused_sdp_choice(q, q, q, None, config.dropout, True))
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return "unknown"
+    names = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "memory-efficient", "CUDNN_ATTENTION": "cuDNN",
+             "MATH": "math (unfused)"}  # fmt: skip
+    return names.get(backend.name, backend.name)
+
+
+def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len: int, sequences_per_step: int) -> int:
+    """The largest power-of-two micro batch that divides a step's sequences and whose forward and backward fit this
+    GPU beside what the run holds already (weights, the optimizer's state), at its sequence length and precision.
+    Tried on the eager model: a compiled step takes less memory, so what fits here fits the run."""
+    largest, batch = 0, 1
+    while batch <= sequences_per_step and sequences_per_step % batch == 0:
+        x = loss = None
+        try:
+            x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)  # (B, T)
+            with autocast():
+                _, loss = model(x, x)
+            scaler.scale(loss).backward()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            x = loss = None  # free the batch's activations before the next, larger one
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        largest, batch = batch, batch * 2
+    return largest

@@ -1,0 +1,145 @@
+"""python train_gpt2.py --plan: the run built as training builds it, a few real steps timed, and the arithmetic
+of the whole run (tokens, passes, time, memory, disk) with its warnings; nothing is written.
+
+python -m pytest tests/test_plan.py -q
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import TINY_RUN, logged_events, run_train, small_shards
+
+import planning
+import train_gpt2
+from conftest import REPO
+
+SETTINGS = [*TINY_RUN, "--max-steps", "8", "--eval-interval", "4", "--ckpt-interval", "4", "--sample-interval", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return small_shards(tmp_path_factory.mktemp("plan-data"))
+
+
+def plan(capsys, *argv: str) -> tuple[dict, str]:
+    """The plan's JSON (its last line) and all it printed."""
+    train_gpt2.main([*argv, "--plan"])
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_plan_writes_nothing_and_its_arithmetic_is_exact(data, tmp_path, capsys):
+    before = snapshot(data)
+    run_dir = tmp_path / "run"
+    result, out = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir), "--keep-last", "2")
+    assert not run_dir.exists() and snapshot(data) == before, "a plan writes nothing"
+    manifest = json.loads((data / "manifest.json").read_text())
+    train_tokens = manifest["splits"]["train"]["tokens"]
+    assert result["tokens_per_step"] == 256 and result["grad_accum_steps"] == 256 // (4 * 32)
+    assert result["total_tokens"] == 8 * 256 and result["steps"] == 8
+    assert result["epochs"] == pytest.approx(8 * 256 / train_tokens)
+    assert f"data: {train_tokens:,} training tokens" in out
+    assert result["tokens_per_second"] == pytest.approx(256 / (result["ms_per_step"] / 1000))
+    assert 0 < result["mfu"] < 1 and result["peak_memory_bytes"] > 0 and result["warnings"] == []
+    # evaluations at steps 0, 4 and 8: three of them, and eight steps
+    assert planning.evaluations(0, 8, 4) == 3 and planning.evaluations(0, 10, 4) == 4
+
+    # disk: --keep-last 2 checkpoints and best.pt, each the size of the run's own checkpoints
+    assert run_train(*SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir)).returncode == 0
+    real = (run_dir / "ckpt_000008.pt").stat().st_size
+    # the pickled integers (step, data position) may take a byte more or less than at the plan's step 0
+    assert result["checkpoint_bytes"] == pytest.approx(3 * real, abs=3 * 64)
+
+
+def test_the_measured_step_is_of_the_order_of_the_steps_a_run_logs(data, tmp_path):
+    """Both as a user runs them, one after the other (not a timing assertion: a factor of three either way)."""
+    planned = run_train(*SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--plan")
+    result = json.loads(planned.stdout.strip().splitlines()[-1])
+    assert run_train(*SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "run")).returncode == 0
+    logged = statistics.median(e["ms"] for e in logged_events(tmp_path / "run") if e["split"] == "train")
+    assert logged / 3 < result["ms_per_step"] < logged * 3, (result["ms_per_step"], logged)
+
+
+def test_a_ddp_run_is_planned_under_torchrun(data, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt2.py"]
+    result = subprocess.run([*torchrun, *SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"),
+                             "--plan"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    plans = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(plans) == 1, "rank 0 alone prints the plan"
+    plan = json.loads(plans[0])
+    assert plan["tokens_per_step"] == 256 and plan["grad_accum_steps"] == 1  # 4 x 32 x 2 processes x 1
+    assert "4 x 32 tokens x 2 process(es) x 1 accumulation steps = 256 tokens a step" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_many_passes_over_the_data_are_a_warning_and_a_few_are_not(data, tmp_path, capsys):
+    manifest = json.loads((data / "manifest.json").read_text())
+    steps_per_pass = manifest["splits"]["train"]["tokens"] / 256
+    few, _ = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "a"),
+                  "--max-steps", str(int(3.5 * steps_per_pass)))  # fmt: skip
+    many, out = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "b"),
+                     "--max-steps", str(int(4.5 * steps_per_pass) + 1))  # fmt: skip
+    assert few["warnings"] == [] and 3 < few["epochs"] < 4
+    assert len(many["warnings"]) == 1 and "passes" in many["warnings"][0] and "--patience" in many["warnings"][0]
+    assert "warning: the run reads its training split 4.5 times" in out
+
+
+def test_an_existing_run_is_a_warning_and_with_resume_the_plan_starts_where_it_stopped(data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_train(*SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir)).returncode == 0
+    before = snapshot(run_dir)
+    result, _ = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir), "--max-steps", "12")
+    assert any("already holds a run" in w and "--resume" in w for w in result["warnings"])
+    resumed, out = plan(capsys, "--resume", "--run-dir", str(run_dir), "--max-steps", "12")
+    assert resumed["warnings"] == [] and resumed["steps"] == 4 and "from step 8 of 12" in out
+    assert snapshot(run_dir) == before, "the run directory is untouched: not its log, not its checkpoints"
+
+
+def test_memory_near_the_devices_and_a_long_colab_run_off_drive_are_warnings(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(planning, "physical_memory_bytes", lambda: 10**6)  # a device far too small
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-20261120")
+    result, _ = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"),
+                     "--max-steps", "100000000", "--patience", "0")  # fmt: skip
+    passes, memory, colab = result["warnings"]
+    assert "peak memory" in memory and "--batch-size" in memory and "--total-batch-size" in memory
+    assert "longer than a free Colab session" in colab and "/content/drive" in colab
+    assert "passes" in passes and "validation stops improving (now off)" in passes
+
+
+def test_the_plan_refuses_what_the_run_refuses(data, tmp_path):
+    base = [*TINY_RUN, "--data-dir", str(data), "--run-dir", str(tmp_path / "run")]
+    for argv, message in (
+        (["--max-steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 must be below --max-steps 3"),
+        (["--data-dir", str(tmp_path / "none")], "no"),
+        (["--total-batch-size", "300"], "is not a multiple of"),
+    ):
+        run, planned = run_train(*base, *argv), run_train(*base, *argv, "--plan")
+        assert planned.returncode == run.returncode == 1 and message in planned.stderr
+        assert planned.stderr.splitlines()[-1] == run.stderr.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_micro_batch_line_keeps_the_batch(capsys):
+    facts = planning.Facts(
+        parameters=124_475_904, model="12 layers, width 768, context 1024", train_tokens=117_920_140,
+        val_tokens=247_289, batch_size=4, seq_len=1024, world_size=1, grad_accum_steps=16, start_step=0,
+        max_steps=40_000, eval_interval=250, ckpt_interval=1000, keep_last=3, patience=10, device="Tesla T4",
+        precision="fp16", why="", compiled=True, attention="memory-efficient", seconds_per_step=3.7, eval_seconds=10,
+        mfu=0.3, peak_memory_bytes=10 * 2**30, device_memory_bytes=15 * 2**30, checkpoint_bytes_each=1_500_000_000,
+        largest_micro_batch=8, run_dir="runs/gpt2-124m", run_dir_holds_a_run=False, resume=False, in_colab=False,
+    )  # fmt: skip
+    result = planning.make_plan(facts)
+    text = "\n".join(planning.plan_lines(facts, result))
+    assert "--batch-size 8 keeps 65,536 tokens a step with 8 accumulation steps" in text
+    assert result["estimated_seconds"] == pytest.approx(40_000 * 3.7 + 161 * 10)
+    assert result["epochs"] == pytest.approx(40_000 * 65_536 / 117_920_140)  # the seed's 22 passes
+    assert "22.2 times" in result["warnings"][0]
