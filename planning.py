@@ -68,8 +68,14 @@ class Facts:
 
 def evaluations(start_step: int, max_steps: int, interval: int) -> int:
     """How many validation losses the loop computes from start_step on: every interval steps, and at the end."""
-    due = sum(1 for step in range(start_step, max_steps + 1) if step % interval == 0)
+    due = max_steps // interval - (start_step - 1) // interval  # the multiples of interval in [start_step, max_steps]
     return due + (max_steps % interval != 0)
+
+
+def checkpoint_files(f: "Facts") -> int:
+    """The most checkpoint files on disk at once: --keep-last, the next one written before the oldest goes, and
+    best.pt; a run that checkpoints only at its end writes that one and best.pt."""
+    return f.keep_last + 2 if f.ckpt_interval else 2
 
 
 def make_plan(f: Facts) -> dict:
@@ -90,7 +96,7 @@ def make_plan(f: Facts) -> dict:
         "peak_memory_bytes": f.peak_memory_bytes,
         "estimated_seconds": seconds,
         "seconds_between_checkpoints": checkpoint_seconds(f),
-        "checkpoint_bytes": (f.keep_last + 1) * f.checkpoint_bytes_each,  # the last --keep-last, and best.pt
+        "checkpoint_bytes": checkpoint_files(f) * f.checkpoint_bytes_each,  # at the peak
         "largest_micro_batch": f.largest_micro_batch,
         "warnings": warnings(f, total_tokens / f.train_tokens, seconds),
     }
@@ -118,7 +124,8 @@ def warnings(f: Facts, epochs: float, seconds: float) -> list[str]:
             f"{gib(f.device_memory_bytes)}: lower --batch-size and keep --total-batch-size (more accumulation steps, "
             "the same training)"
         )
-    if f.in_colab and seconds > COLAB_SESSION_HOURS * 3600 and not f.run_dir.startswith("/content/drive"):
+    on_drive = os.path.realpath(f.run_dir).startswith("/content/drive")
+    if f.in_colab and seconds > COLAB_SESSION_HOURS * 3600 and not on_drive:
         found.append(
             f"the run takes {duration(seconds)}, longer than a free Colab session, and --run-dir {f.run_dir} is not "
             "on Drive: put it under /content/drive so checkpoints outlive the session, and rerun with --resume"
@@ -143,11 +150,14 @@ def plan_lines(f: Facts, plan: dict) -> list[str]:
         f"measured: {plan['ms_per_step']:,.0f} ms a step, {plan['tokens_per_second']:,.0f} tokens/s, MFU "
         f"{f.mfu:.0%}, peak memory {gib(f.peak_memory_bytes)}"
         + (f" of {gib(f.device_memory_bytes)}" if f.device_memory_bytes else ""),
-        f"time: about {duration(plan['estimated_seconds'])} (steps and validation; samples and HellaSwag not counted)"
+        f"time: about {duration(plan['estimated_seconds'])} (steps and validation; samples, HellaSwag and writing "
+        "checkpoints not counted)"
         + (f", {duration(plan['seconds_between_checkpoints'])} between checkpoints"
            if plan["seconds_between_checkpoints"] else ", one checkpoint at the end"),
-        f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints ({f.keep_last} kept + best.pt, "
-        f"{gib(f.checkpoint_bytes_each)} each)",
+        f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints at the peak ({checkpoint_files(f)} files of "
+        f"{gib(f.checkpoint_bytes_each)}: {f.keep_last} kept, the next being written, best.pt)"
+        if f.ckpt_interval
+        else f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints (the last one and best.pt)",
     ]  # fmt: skip
     if f.largest_micro_batch:
         accumulation = f.tokens_per_step // (f.largest_micro_batch * f.seq_len * f.world_size)
@@ -194,7 +204,9 @@ def attention_kernel(config, batch_size: int, seq_len: int, dtype: torch.dtype, 
     PyTorch's own dispatcher (a private function: "unknown" where a version lacks it)."""
     from torch.nn.attention import SDPBackend
 
-    q = torch.zeros(batch_size, config.n_head, seq_len, config.n_embd // config.n_head, dtype=dtype, device=device)
+    # requires_grad, as in training: some kernels are ruled out for the backward pass alone
+    q = torch.zeros(batch_size, config.n_head, seq_len, config.n_embd // config.n_head, dtype=dtype, device=device,
+                    requires_grad=True)  # fmt: skip
     try:
         backend = SDPBackend(torch._fused_sdp_choice(q, q, q, None, config.dropout, True))
     except (AttributeError, RuntimeError, TypeError, ValueError):

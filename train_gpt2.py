@@ -1164,7 +1164,8 @@ def start_run(
     # data first: a missing or too small data folder is found before any model is built
     train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
     val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
-    hellaswag = load_hellaswag(args) if args.hellaswag_interval and not plan else None  # a plan downloads nothing
+    # a plan downloads nothing, and checks a file it is given as the run does
+    hellaswag = load_hellaswag(args) if args.hellaswag_interval and (args.hellaswag_data or not plan) else None
     if world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
     if not plan:
@@ -1343,18 +1344,25 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
 
 
 def time_steps(run: Run) -> tuple[float, int]:
-    """Seconds per optimizer step, the median of real steps after one warm-up step (which compiles and allocates
-    the optimizer's state), and the peak memory: CUDA's allocator peak, or the process's resident peak on a CPU.
-    Three steps, or one where a step takes long; every process takes as many (they all-reduce together)."""
+    """Seconds per optimizer step, the median of real steps after a warm-up (compiling, and until AdamW holds its
+    state: fp16 may skip the first steps), and the peak memory: what CUDA's allocator reserved, or on a CPU the
+    resident peak of this process times the processes sharing the machine. Three steps, or one where a step takes
+    long; every process takes as many (they all-reduce together)."""
     cuda = torch.device(run.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
     warmup = torch.tensor(optimizer_step(run, run.step).seconds, device=run.device)
+    for _ in range(4):  # an fp16 step skipped for overflow is skipped on every process alike
+        if run.optimizer.state:
+            break
+        optimizer_step(run, run.step)
     if run.world_size > 1:
         dist.all_reduce(warmup, op=dist.ReduceOp.MAX)
     steps = 3 if warmup.item() < 20 else 1
     seconds = statistics.median(optimizer_step(run, run.step).seconds for _ in range(steps))
-    return seconds, torch.cuda.max_memory_allocated(run.device) if cuda else planning.resident_peak_bytes()
+    if cuda:
+        return seconds, torch.cuda.max_memory_reserved(run.device)
+    return seconds, planning.resident_peak_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def plan_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int):
@@ -1413,7 +1421,7 @@ def main(argv: list[str] | None = None):
     try:
         (plan_run if args.plan else train)(args, given, rank, local_rank, world_size)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(resume_hint(args.run_dir)) from None
+        raise KeyboardInterrupt("" if args.plan else resume_hint(args.run_dir)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -51,12 +51,15 @@ def test_the_plan_writes_nothing_and_its_arithmetic_is_exact(data, tmp_path, cap
     assert 0 < result["mfu"] < 1 and result["peak_memory_bytes"] > 0 and result["warnings"] == []
     # evaluations at steps 0, 4 and 8: three of them, and eight steps
     assert planning.evaluations(0, 8, 4) == 3 and planning.evaluations(0, 10, 4) == 4
+    for start, end, interval in [(0, 8, 4), (3, 8, 4), (4, 8, 4), (5, 11, 4), (0, 1, 250), (7, 40_000, 250)]:
+        loop = sum(1 for step in range(start, end + 1) if step == end or step % interval == 0)  # as train() does
+        assert planning.evaluations(start, end, interval) == loop
 
-    # disk: --keep-last 2 checkpoints and best.pt, each the size of the run's own checkpoints
+    # disk at the peak: --keep-last 2 checkpoints, the next being written, best.pt, each the size of the run's own
     assert run_train(*SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir)).returncode == 0
     real = (run_dir / "ckpt_000008.pt").stat().st_size
     # the pickled integers (step, data position) may take a byte more or less than at the plan's step 0
-    assert result["checkpoint_bytes"] == pytest.approx(3 * real, abs=3 * 64)
+    assert result["checkpoint_bytes"] == pytest.approx(4 * real, abs=4 * 64)
 
 
 def test_the_measured_step_is_of_the_order_of_the_steps_a_run_logs(data, tmp_path):
@@ -121,6 +124,7 @@ def test_the_plan_refuses_what_the_run_refuses(data, tmp_path):
         (["--max-steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 must be below --max-steps 3"),
         (["--data-dir", str(tmp_path / "none")], "no"),
         (["--total-batch-size", "300"], "is not a multiple of"),
+        (["--hellaswag-interval", "2", "--hellaswag-data", str(tmp_path / "hs.jsonl")], "hs.jsonl does not exist"),
     ):
         run, planned = run_train(*base, *argv), run_train(*base, *argv, "--plan")
         assert planned.returncode == run.returncode == 1 and message in planned.stderr
@@ -140,6 +144,7 @@ def test_the_largest_micro_batch_line_keeps_the_batch(capsys):
     result = planning.make_plan(facts)
     text = "\n".join(planning.plan_lines(facts, result))
     assert "--batch-size 8 keeps 65,536 tokens a step with 8 accumulation steps" in text
+    assert result["checkpoint_bytes"] == 5 * 1_500_000_000 and "5 files of 1.40 GiB" in text
     assert result["estimated_seconds"] == pytest.approx(40_000 * 3.7 + 161 * 10)
     assert result["epochs"] == pytest.approx(40_000 * 65_536 / 117_920_140)  # the seed's 22 passes
     assert "22.2 times" in result["warnings"][0]
