@@ -78,8 +78,25 @@ def read_text(path: str) -> str:
 # --- the command line -------------------------------------------------------------------------------------------
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help with each option's default once: added where its help does not say it already, left out where there
+    is none to show (None, a flag that is off). An option whose None means something says what in its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:  # the hook argparse's own formatters override
+        text = action.help or ""
+        nothing_to_show = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or nothing_to_show or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a bad flag gets one line naming the problem, not the whole usage block."""
+    """argparse, except that a bad flag gets one line naming the problem, not the whole usage block, and --help
+    shows each default once."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

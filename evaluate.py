@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained folder, or a checkpoint file")
     parser.add_argument("--task", default="all", choices=[*TASKS, "all"], help="which benchmark (default: all)")
     parser.add_argument("--data", default=None,
-                        help="the task's data file (HellaSwag or LAMBADA jsonl, wiki.test.raw) instead of a download")
+                        help="the task's data file, HellaSwag or LAMBADA jsonl or wiki.test.raw (default: downloaded "
+                             "once)")
     parser.add_argument("--limit", type=int, default=0,
                         help="only the first N examples (HellaSwag, LAMBADA) or N tokens (WikiText); 0 = all")
     parser.add_argument("--stride", type=int, default=None,
@@ -118,7 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast precision (auto: bf16 or fp16 on a GPU, by its capability; fp32 on a CPU)")
-    parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    parser.add_argument("--out", default=None,
+                        help="also write the scores to this JSON file (default: print them only)")
     args = parser.parse_args(argv)
     if args.data and args.task == "all":
         parser.error("--data names one task's file: use it with --task hellaswag, lambada or wikitext")

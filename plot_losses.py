@@ -2,8 +2,8 @@
 Plot training runs from their log.jsonl: loss (train and validation), learning rate, gradient norm, throughput,
 and HellaSwag accuracy for runs trained with --hellaswag-interval.
 
-  python plot_losses.py runs/cpu-demo                      # images/cpu-demo_loss.png, _lr.png, _norm.png, _speed.png
-  python plot_losses.py runs/a runs/b --name a-vs-b        # two runs overlaid, one colour and legend entry each
+  python plot_losses.py runs/my-run                 # runs/my-run/my-run_loss.png, _lr.png, _norm.png, _speed.png
+  python plot_losses.py runs/a runs/b --name a-vs-b  # two runs overlaid, one colour and legend entry each, in runs/a
   python plot_losses.py runs/a --out plots --smooth 0.95   # heavier smoothing of the train loss, PNGs in plots/
 
 It prints each run's lowest train and validation loss and the step of each (the seed's "Min losses").
@@ -195,7 +195,8 @@ def draw(runs: list[Run], weight: float) -> dict[str, Figure]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Plot train_gpt2.py runs from their log.jsonl.")
     parser.add_argument("runs", nargs="+", help="run directories (the --run-dir of each training run)")
-    parser.add_argument("--out", default="images", help="directory for the PNG files")
+    parser.add_argument("--out", default=None,
+                        help="directory for the PNG files (default: the first run's directory, beside its log.jsonl)")
     parser.add_argument("--name", default=None,
                         help="file name prefix (default: the run's name, or the names joined by _vs_)")
     parser.add_argument("--smooth", type=float, default=0.9,
@@ -212,8 +213,9 @@ def main(argv: list[str] | None = None):
     for run in runs:
         print(summary(run))
     name = args.name or "_vs_".join(run.name for run in runs)
+    out = args.out or args.runs[0]  # a run's plots stay with it, not among the README's figures in images/
     for suffix, fig in draw(runs, args.smooth).items():
-        path = os.path.join(args.out, f"{name}_{suffix}.png")
+        path = os.path.join(out, f"{name}_{suffix}.png")
         write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         print(f"wrote {path}")

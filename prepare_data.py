@@ -157,7 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "Tiny Shakespeare downloaded once (default: wikitext-103-raw-v1, unless --input or "
                              "--hf-dataset)")
     parser.add_argument("--input", nargs="+", metavar="FILE", help="local UTF-8 text files or globs (not --dataset)")
-    parser.add_argument("--val-input", nargs="+", metavar="FILE", help="with --input: files for the validation split")
+    parser.add_argument("--val-input", nargs="+", metavar="FILE",
+                        help="with --input: files for the validation split (default: the last --val-fraction of the "
+                             "text)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="with --input (no --val-input) or tinyshakespeare: the share of the text held out for "
                              "validation (default 0.1)")

@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; below 1 sharper, above 1 flatter")
     parser.add_argument("--top-k", type=int, default=50, help="draw from the k most likely tokens (0 = no limit)")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="draw from the smallest set of tokens whose probability reaches p, in (0, 1]")
+                        help="draw from the smallest set of tokens whose probability reaches p, in (0, 1] "
+                             "(default: off)")
     parser.add_argument("--seed", type=int, default=None, help="makes the samples reproducible (default: random)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     args = parser.parse_args(argv)

@@ -933,13 +933,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     """The run's settings, and the names of those given on the command line (a resume keeps the others)."""
     parser = ArgumentParser(
         description="Train GPT-2 (defaults: 124M on WikiText-103, 65,536 tokens a step for 40,000 steps).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     # data and run
     add("--data-dir", default="data/wikitext-103", help="folder of shards from prepare_data.py")
     add("--run-dir", default="runs/gpt2-124m", help="where checkpoints and log.jsonl go")
-    add("--init-from", help="start from gpt2, gpt2-medium, ..., a save_pretrained folder or a checkpoint")
+    add("--init-from", help="gpt2, gpt2-medium, ..., a save_pretrained folder or a checkpoint (default: a fresh model)")
     add("--resume", action="store_true", help="continue --run-dir from its latest checkpoint (or start it)")
     add("--plan", action="store_true", help="print what this run will take (time, memory, disk, passes) and exit")
     # model
@@ -965,7 +964,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--eval-steps", type=int, default=20, help="validation batches per evaluation (all processes)")
     add("--sample-interval", type=int, default=1000, help="steps between text samples (0 = never)")
     add("--hellaswag-interval", type=int, default=0, help="steps between HellaSwag accuracies (0 = never)")
-    add("--hellaswag-data", help="HellaSwag jsonl to use instead of the download (kept in data/hellaswag)")
+    add("--hellaswag-data", help="HellaSwag jsonl (default: downloaded once into data/hellaswag)")
     add("--hellaswag-limit", type=int, default=0, help="HellaSwag: only the first N examples (0 = all 10,042)")
     add("--ckpt-interval", type=int, default=1000, help="steps between checkpoints (0 = at the end)")
     add("--keep-last", type=int, default=3, help="periodic checkpoints kept (best.pt is kept apart)")

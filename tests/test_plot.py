@@ -46,6 +46,15 @@ def test_a_log_gives_four_pngs_and_its_minimum_losses(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_without_out_the_plots_go_beside_the_run_not_into_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a clone's root, with the README's images/ folder
+    (tmp_path / "images").mkdir()
+    run = write_log(tmp_path / "runs" / "mine", synthetic_events())
+    plot_losses.main(["runs/mine"])
+    assert sorted(p.name for p in run.glob("*.png")) == sorted(f"mine_{suffix}.png" for suffix in SUFFIXES)
+    assert not any((tmp_path / "images").iterdir())
+
+
 def test_several_runs_are_overlaid_with_one_legend_entry_each(tmp_path, capsys):
     runs = [plot_losses.load_run(str(write_log(tmp_path / name, synthetic_events(offset=i))))
             for i, name in enumerate(["base", "dropout", "bigger"])]  # fmt: skip
