@@ -72,7 +72,7 @@ def evaluations(start_step: int, max_steps: int, interval: int) -> int:
     return due + (max_steps % interval != 0)
 
 
-def checkpoint_files(f: "Facts") -> int:
+def checkpoint_files(f: Facts) -> int:
     """The most checkpoint files on disk at once: --keep-last, the next one written before the oldest goes, and
     best.pt; a run that checkpoints only at its end writes that one and best.pt."""
     return f.keep_last + 2 if f.ckpt_interval else 2

@@ -1376,7 +1376,7 @@ def plan_run(args: argparse.Namespace, given: set[str], rank: int, local_rank: i
             torch.cuda.get_device_name(run.device),
             torch.cuda.get_device_properties(run.device).total_memory,
         )
-        sequences_per_step = args.total_batch_size // (args.seq_len * world_size)
+        sequences_per_step = args.batch_size * run.grad_accum_steps  # one process's share of a step
         largest = planning.largest_micro_batch(
             run.raw_model, run.autocast, run.scaler, run.device, args.seq_len, sequences_per_step
         )
