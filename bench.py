@@ -567,7 +567,7 @@ BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_tra
               "gpu": bench_gpu}
 
 
-def main(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Measure gpt2-lite's speed against its references, side by side.")
     parser.add_argument("benchmarks", nargs="*", help=f"which to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison")
@@ -582,6 +582,11 @@ def main(argv: list[str] | None = None):
         parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHMARKS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     args.device = pick_device(args.device)
     print(" ".join(["python bench.py", *(argv if argv is not None else sys.argv[1:])]))
     for name in args.benchmarks or list(BENCHMARKS):

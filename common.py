@@ -16,10 +16,42 @@ from typing import BinaryIO, Callable
 
 
 class InputError(ValueError):
-    """Bad input from the user: the message names the problem and the fix, in one line.
+    """Bad input from the user: the message names the problem and the fix, in one line (a line per problem where
+    several were found together, see `InputErrors`).
 
     Command-line scripts print it and exit non-zero (see `run_cli`); library callers can catch it as ValueError.
     """
+
+
+class InputErrors:
+    """Collects the InputErrors of independent checks, so that a user who made three mistakes hears of all three
+    at once instead of one per attempt:
+
+        problems = InputErrors()
+        with problems:
+            check_the_flags(args)       # an InputError here is recorded, and the next check runs
+        with problems:
+            check_the_data(args)
+        problems.raise_any()            # one InputError, a line per problem (each problem once)
+    """
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __enter__(self) -> "InputErrors":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, InputError):
+            self.lines += [line for line in str(error).splitlines() if line not in self.lines]
+        return isinstance(error, InputError)  # True swallows it; any other exception is a bug, and propagates
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+    def raise_any(self):
+        if self.lines:
+            raise InputError("\n".join(self.lines))
 
 
 def first_line(error: BaseException) -> str:
@@ -103,15 +135,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None):
-    """Run a script's main(argv); bad input ends it with one line on stderr and exit status 1, no traceback.
-    Under torchrun every process meets the same bad input, and rank 0 alone says so."""
+    """Run a script's main(argv); bad input ends it with one line per problem on stderr and exit status 1, no
+    traceback. Under torchrun every process meets the same bad input, and rank 0 alone says so."""
     script = os.path.basename(sys.argv[0])
     quiet = os.environ.get("RANK", "0") != "0"
     try:
         main(argv)
     except InputError as e:
         if not quiet:
-            print(f"{script}: error: {e}", file=sys.stderr)
+            for line in str(e).splitlines():
+                print(f"{script}: error: {line}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:  # Ctrl-C: files are written atomically, so nothing is left half-written
         if not quiet:

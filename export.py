@@ -12,11 +12,15 @@ from common import ArgumentParser, InputError, run_cli
 from train_gpt2 import load_model
 
 
-def main(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None):
     parser = ArgumentParser(description="Write a model as a Hugging Face folder (GPT2LMHeadModel).")
     parser.add_argument("model", help="a checkpoint of train_gpt2.py, a save_pretrained folder, or gpt2 ... gpt2-xl")
     parser.add_argument("out_dir", help="the folder to write (made if absent; the model's files in it are replaced)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     if os.path.isfile(args.out_dir):
         raise InputError(f"{args.out_dir} is a file: give the folder to write the model into")
     load_model(args.model).save_pretrained(args.out_dir)

@@ -4,6 +4,7 @@ and HellaSwag accuracy for runs trained with --hellaswag-interval.
 
   python plot_losses.py runs/my-run                 # runs/my-run/my-run_loss.png, _lr.png, _norm.png, _speed.png
   python plot_losses.py runs/a runs/b --name a-vs-b  # two runs overlaid, one colour and legend entry each, in runs/a
+  python plot_losses.py runs/cpu-demo reference/cpu-demo   # a rerun over the README's run: runs-cpu-demo_vs_...
   python plot_losses.py runs/a --out plots --smooth 0.95   # heavier smoothing of the train loss, PNGs in plots/
 
 It prints each run's lowest train and validation loss and the step of each (the seed's "Min losses").
@@ -46,14 +47,22 @@ class Run:
     malformed: int = 0
 
 
-def load_run(run_dir: str) -> Run:
+def run_names(run_dirs: list[str]) -> list[str]:
+    """Each run's folder name, or its path where two runs share a folder name (a rerun against its reference)."""
+    names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [os.path.normpath(run_dir) for run_dir in run_dirs]
+
+
+def load_run(run_dir: str, name: str | None = None) -> Run:
     if not os.path.isdir(run_dir):
         raise InputError(f"no run directory {run_dir}: give the --run-dir of a train_gpt2.py run")
     path = os.path.join(run_dir, LOG_NAME)
     if not os.path.isfile(path):
         raise InputError(f"{run_dir} has no {LOG_NAME}: is it the --run-dir of a train_gpt2.py run?")
     events, malformed = read_log(path)
-    run = Run(name=os.path.basename(os.path.normpath(run_dir)), malformed=malformed)
+    run = Run(name=name or os.path.basename(os.path.normpath(run_dir)), malformed=malformed)
     for event in events:
         if event["split"] == "train" and all(isinstance(event.get(key), (int, float)) for key in run.train):
             run.train_steps.append(event["step"])
@@ -209,10 +218,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    runs = [load_run(run_dir) for run_dir in args.runs]
+    runs = [load_run(run_dir, name) for run_dir, name in zip(args.runs, run_names(args.runs))]
     for run in runs:
         print(summary(run))
-    name = args.name or "_vs_".join(run.name for run in runs)
+    name = args.name or "_vs_".join(run.name for run in runs).replace(os.sep, "-")
     out = args.out or args.runs[0]  # a run's plots stay with it, not among the README's figures in images/
     for suffix, fig in draw(runs, args.smooth).items():
         path = os.path.join(out, f"{name}_{suffix}.png")

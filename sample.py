@@ -2,7 +2,7 @@
 Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint from train_gpt2.py.
 
   python sample.py --init-from gpt2 --prompt "Hello World ! I'm LLM" --num-samples 5 --max-new-tokens 32
-  python sample.py --init-from runs/demo/ckpt_000500.pt --prompt "ROMEO:" --temperature 0.8 --top-k 50
+  python sample.py --init-from runs/cpu-demo/best.pt --prompt "ROMEO:" --temperature 0.8 --top-k 50     # a run of ours
   python sample.py --init-from ./my-gpt2 --prompt "The meaning of life is" --temperature 0   # greedy
 
 With one sample the text is printed token by token as it is produced.

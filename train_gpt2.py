@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import threading
@@ -69,6 +70,7 @@ from checkpoints import (
     load_checkpoint,
     log_event,
     open_run,
+    read_log,
     remove_checkpoint,  # noqa: F401
     resume_hint,
     rng_states,
@@ -78,7 +80,7 @@ from checkpoints import (
     step_checkpoints,
     truncate_log,
 )
-from common import ArgumentParser, InputError, first_line, read_json, run_cli
+from common import ArgumentParser, InputError, InputErrors, first_line, read_json, run_cli
 from evaluation import (
     HELLASWAG_CACHE,
     HELLASWAG_URL,
@@ -915,18 +917,22 @@ def wrap_model(
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 
-def check_ranges(args: argparse.Namespace, parser: ArgumentParser):
+def check_ranges(args: argparse.Namespace):
+    """Every flag whose value is out of its range, a line each."""
     at_least_one = "n_layer n_head n_embd block_size vocab_size batch_size seq_len total_batch_size max_steps "
     at_least_one = (at_least_one + "eval_interval eval_steps keep_last").split()
     not_negative = "warmup_steps sample_interval ckpt_interval patience grad_clip weight_decay hellaswag_interval "
     not_negative = (not_negative + "hellaswag_limit").split()
+    problems = []
     for name in at_least_one + not_negative:
         value, least = getattr(args, name), 1 if name in at_least_one else 0
         if value is not None and value < least:
             rule = "be at least 1" if least else "not be negative"
-            parser.error(f"--{name.replace('_', '-')} must {rule}, got {value}")
+            problems.append(f"--{name.replace('_', '-')} must {rule}, got {value}")
     if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+        problems.append(f"--dropout must be in [0, 1), got {args.dropout}")
+    if problems:
+        raise InputError("\n".join(problems))
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
@@ -977,18 +983,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     given = {a.dest for a in parser._actions for o in a.option_strings for arg in argv if arg.split("=")[0] == o}
-    check_ranges(args, parser)
     return args, given
 
 
 def check_schedule(args: argparse.Namespace):
     """Settings that must agree with each other; checked once a resumed run's own settings are back in place."""
+    problems = []
     if args.warmup_steps is None:  # resolved once: a resumed run keeps the warmup it started with
         args.warmup_steps = min(2000, args.max_steps // 20)
     elif args.warmup_steps >= args.max_steps:
-        raise InputError(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
+        problems.append(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
     if not 0 < args.min_lr <= args.max_lr:
-        raise InputError(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+        problems.append(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+    if problems:
+        raise InputError("\n".join(problems))
 
 
 def build_model(args: argparse.Namespace, given: set[str], checkpoint: dict | None) -> GPT:
@@ -1145,33 +1153,73 @@ def load_hellaswag(args: argparse.Namespace) -> list[dict]:
     return hellaswag_examples(path)[: args.hellaswag_limit or None]
 
 
-def start_run(
-    args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int, plan: bool = False
-) -> Run:
-    """Everything before the first step: the device, the run directory (resumed or new), the data, the model, its
-    precision, optimizer and wrappers, and where a resumed run left off. Prints what it chose. A plan builds the
-    same run and writes nothing: a run directory that would be refused is the plan's warning to give."""
-    device = training_device(args.device, local_rank, world_size)
-    say = functools.partial(print, flush=True) if rank == 0 else (lambda *parts: None)
-    checkpoint, resumed_from = open_run(args.run_dir, args.resume, say) if args.resume or not plan else (None, None)
+class Inputs(NamedTuple):
+    """What a run is built from, every part checked before any problem is reported (see check_inputs)."""
+
+    checkpoint: dict | None  # the one being resumed
+    resumed_from: str | None  # its path
+    precision: str
+    why: str
+    grad_accum_steps: int
+    train_loader: DataLoader
+    val_loader: DataLoader
+    hellaswag: list[dict] | None
+    model: GPT  # on the CPU
+
+
+def check_inputs(
+    args: argparse.Namespace, given: set[str], rank: int, world_size: int, device: str, plan: bool, say
+) -> Inputs:
+    """Everything the run reads or is told, before anything is written: the flags, the run directory (resumed or
+    new), the precision, the data, HellaSwag's file and the model (--init-from or the checkpoint). A user with three
+    mistakes hears of all three at once, a line each, instead of one per attempt."""
+    problems = InputErrors()
+    with problems:
+        check_ranges(args)
+    sizes_usable = not problems  # the accumulation and the model divide by the sizes
+    checkpoint = resumed_from = None
+    with problems:
+        checkpoint, resumed_from = open_run(args.run_dir, args.resume, say) if args.resume or not plan else (None, None)
     for name, value in (checkpoint or {}).get("args", {}).items():
         if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
             setattr(args, name, value)
-    check_schedule(args)
-    precision, why = choose_precision(device, args.dtype)
-    grad_accum_steps = accumulation_steps(args, world_size)
-    # data first: a missing or too small data folder is found before any model is built
-    train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
-    val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
-    # a plan downloads nothing, and checks a file it is given as the run does
-    hellaswag = load_hellaswag(args) if args.hellaswag_interval and (args.hellaswag_data or not plan) else None
+    with problems:
+        check_schedule(args)
+    with problems:
+        precision, why = choose_precision(device, args.dtype)
+    with problems:
+        train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
+    with problems:
+        val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
+    with problems:  # a plan downloads nothing, and checks a file it is given as the run does
+        hellaswag = load_hellaswag(args) if args.hellaswag_interval > 0 and (args.hellaswag_data or not plan) else None
+    if sizes_usable:
+        with problems:
+            grad_accum_steps = accumulation_steps(args, world_size)
+        torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
+        with problems:
+            model = build_model(args, given, checkpoint)
+    problems.raise_any()
+    return Inputs(
+        checkpoint, resumed_from, precision, why, grad_accum_steps, train_loader, val_loader, hellaswag, model
+    )
+
+
+def start_run(
+    args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int, plan: bool = False
+) -> Run:
+    """Everything before the first step: the inputs checked, the run directory made, the model's precision,
+    optimizer and wrappers, and where a resumed run left off. Prints what it chose. A plan builds the same run and
+    writes nothing: a run directory that would be refused is the plan's warning to give."""
+    device = training_device(args.device, local_rank, world_size)
+    say = functools.partial(print, flush=True) if rank == 0 else (lambda *parts: None)
+    inputs = check_inputs(args, given, rank, world_size, device, plan, say)
     if world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
     if not plan:
         os.makedirs(args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
 
-    torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
-    raw_model = build_model(args, given, checkpoint).to(device)
+    raw_model, precision = inputs.model.to(device), inputs.precision
     autocast = autocast_for(device, precision)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     if torch.device(device).type == "cuda":
@@ -1193,21 +1241,21 @@ def start_run(
         scaler=scaler,
         autocast=autocast,
         precision=precision,
-        why=why,
+        why=inputs.why,
         compiled=compiled,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        grad_accum_steps=grad_accum_steps,
-        hellaswag=hellaswag,
+        train_loader=inputs.train_loader,
+        val_loader=inputs.val_loader,
+        grad_accum_steps=inputs.grad_accum_steps,
+        hellaswag=inputs.hellaswag,
         flops_per_token=flops,
         peak=peak,
-        last_checkpoint=resumed_from,
+        last_checkpoint=inputs.resumed_from,
     )
-    if checkpoint is not None:
-        resume_from(run, checkpoint)
+    if inputs.checkpoint is not None:
+        resume_from(run, inputs.checkpoint)
     if run.master and not plan:
         truncate_log(args.run_dir, run.step)
-    describe_run(run, peak_source, resumed_from, plan)
+    describe_run(run, peak_source, inputs.resumed_from, plan)
     return run
 
 
@@ -1316,8 +1364,53 @@ def due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def summarize_run(run: Run, first_step: int, wall_seconds: float) -> list[str]:
+    """What the run did, from its whole log (across resumes), and the commands a user types next, filled in."""
+    args = run.args
+    events = read_log(os.path.join(args.run_dir, LOG_NAME))[0]
+    train = [event for event in events if event["split"] == "train"]  # one per step done: a resume cut the rest
+    val = [event for event in events if event["split"] == "val"]
+    steps, tokens = len(train), len(train) * args.total_batch_size
+    early = " (stopped early: the validation loss stopped improving)" if steps < args.max_steps else ""
+    lines = [f"run done: {steps:,} of {args.max_steps:,} steps in {args.run_dir}{early}"]
+    if val:
+        best = min(val, key=lambda event: event["loss"])
+        lines.append(
+            f"  validation loss: best {best['loss']:.4f} at step {best['step']}, "
+            f"last {val[-1]['loss']:.4f} at step {val[-1]['step']}"
+        )
+    if train:
+        recent = [event["loss"] for event in train[-10:]]  # one step's loss is one batch's: noisy
+        lines.append(
+            f"  train loss: {train[-1]['loss']:.4f} at step {train[-1]['step']}, "
+            f"{statistics.fmean(recent):.4f} over the last {len(recent)} steps"
+        )
+        seconds_in_steps = sum(event["ms"] for event in train) / 1000
+        lines.append(
+            f"  tokens: {tokens:,} ({steps:,} steps of {args.total_batch_size:,}), "
+            f"{tokens / seconds_in_steps:,.0f} tok/s on average over the steps"
+        )
+    since = f"since the resume at step {first_step}" if first_step else "from start to end"
+    lines.append(f"  wall time: {planning.duration(wall_seconds)} {since}, with evaluations, samples and checkpoints")
+    best_pt = os.path.join(args.run_dir, "best.pt")
+    model = best_pt if os.path.isfile(best_pt) else run.last_checkpoint
+    if model:
+        quoted, hf_folder = shlex.quote(model), shlex.quote(os.path.join(args.run_dir, "hf"))
+        lines += [
+            f"  model to use: {model}" + ("" if model == best_pt else " (no validation loss improved on step 0's)"),
+            "next:",
+            f"  python plot_losses.py {shlex.quote(args.run_dir)}",
+            f"  python sample.py --init-from {quoted}",
+            f"  python export.py {quoted} {hf_folder}",
+            f"  python evaluate.py --init-from {quoted} --task all",
+        ]
+    return lines
+
+
 def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int):
-    """The loop: at each step, checkpoint, evaluate and sample when they are due, then one optimizer step."""
+    """The loop: at each step, checkpoint, evaluate and sample when they are due, then one optimizer step. Ends with
+    a summary of the run."""
+    started = time.perf_counter()
     run = start_run(args, given, rank, local_rank, world_size)
     first = run.step
     for step in range(first, args.max_steps + 1):
@@ -1336,6 +1429,8 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
         if last:
             break
         train_step(run, step)
+    for line in summarize_run(run, first, time.perf_counter() - started) if run.master else []:
+        print(line, flush=True)
 
 
 # --plan: the run built as training builds it, a few of its real optimizer steps timed, and what the whole run

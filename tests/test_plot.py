@@ -71,6 +71,17 @@ def test_several_runs_are_overlaid_with_one_legend_entry_each(tmp_path, capsys):
     assert (tmp_path / "images" / "base_vs_dropout_loss.png").is_file()
 
 
+def test_a_rerun_and_its_reference_share_a_folder_name_and_are_told_apart_by_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_log(tmp_path / "runs" / "cpu-demo", synthetic_events(offset=1))
+    write_log(tmp_path / "reference" / "cpu-demo", synthetic_events())
+    plot_losses.main(["runs/cpu-demo", "reference/cpu-demo"])
+    out = capsys.readouterr().out
+    assert "runs/cpu-demo | min train loss" in out and "reference/cpu-demo | min train loss" in out
+    loss = tmp_path / "runs" / "cpu-demo" / "runs-cpu-demo_vs_reference-cpu-demo_loss.png"
+    assert loss.is_file() and not list((tmp_path / "reference").rglob("*.png"))  # the reference folder is only read
+
+
 def test_malformed_lines_are_counted_and_skipped(tmp_path, capsys):
     cut_short = '{"step": 60, "split": "train", "lo'  # what a crash in the middle of a write leaves
     run = write_log(tmp_path / "demo", synthetic_events(), extra_lines=[cut_short, "[1, 2]", '{"split": "val"}'])

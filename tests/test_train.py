@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from test_data import make_text, write_files
 from test_evaluate import hellaswag_fixture
 
+import evaluate
 import prepare_data
 import train_gpt2
 from conftest import REPO, shared_file, tiny_config
@@ -247,6 +249,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_dat
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout
     assert logged_losses(killed) == logged_losses(tmp_path / "straight")
+    # the summary covers the whole run, not only the part after the resume
+    assert "run done: 24 of 24 steps" in resumed.stdout and "tokens: 6,144 (24 steps of 256)" in resumed.stdout
+    assert re.search(r"wall time: .* since the resume at step 1[28]", resumed.stdout), resumed.stdout
 
 
 def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_path, small_data):
@@ -292,6 +297,42 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, small_da
     assert state["step"] == 4
 
 
+def test_a_run_ends_with_a_summary_of_its_log_and_next_commands_that_run(tmp_path, small_data):
+    run = tmp_path / "my run"  # a space: the commands must quote the paths
+    result = run_train(*TINY_RUN, "--data-dir", str(small_data), "--run-dir", str(run), "--max-steps", "12",
+                       "--eval-interval", "4", "--sample-interval", "0", "--ckpt-interval", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout[result.stdout.index("run done:") :].splitlines()
+    events = logged_events(run)
+    train = [e for e in events if e["split"] == "train"]
+    val = [e for e in events if e["split"] == "val"]
+    best = min(val, key=lambda e: e["loss"])
+    tokens_per_s = 12 * 256 / (sum(e["ms"] for e in train) / 1000)
+    recent = sum(e["loss"] for e in train[-10:]) / 10
+    assert summary[:6] == [
+        f"run done: 12 of 12 steps in {run}",
+        f"  validation loss: best {best['loss']:.4f} at step {best['step']}, last {val[-1]['loss']:.4f} at step 12",
+        f"  train loss: {train[-1]['loss']:.4f} at step 11, {recent:.4f} over the last 10 steps",
+        f"  tokens: 3,072 (12 steps of 256), {tokens_per_s:,.0f} tok/s on average over the steps",
+        summary[4],
+        f"  model to use: {run / 'best.pt'}",
+    ]
+    assert re.fullmatch(r"  wall time: \d+ s from start to end, with evaluations, samples and checkpoints", summary[4])
+    assert summary[6] == "next:"
+    commands = [shlex.split(line) for line in summary[7:]]
+    assert [command[:2] for command in commands] == [
+        ["python", "plot_losses.py"],
+        ["python", "sample.py"],
+        ["python", "export.py"],
+        ["python", "evaluate.py"],
+    ]
+    for command in commands[:3]:  # the fourth downloads its benchmarks: its flags are checked instead
+        done = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+    assert (run / "my run_loss.png").is_file() and (run / "hf" / "model.safetensors").is_file()
+    assert evaluate.parse_args(commands[3][2:]).init_from == str(run / "best.pt")
+
+
 def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeypatch, capsys):
     val_losses = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8])
     monkeypatch.setattr(train_gpt2, "estimate_loss", lambda *args: next(val_losses))
@@ -300,6 +341,8 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
                      "--eval-interval", "2", "--patience", "2", "--sample-interval", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "early stop: no better validation loss in 2 evaluations (best 4.0000)" in out
+    assert "run done: 6 of 30 steps" in out and "(stopped early" in out
+    assert "validation loss: best 4.0000 at step 2, last 4.6000 at step 6" in out
     assert max(e[0] for e in logged_losses(run)) == 6  # evaluations at 0, 2 (best), 4, 6: stop
     assert torch.load(run / "best.pt", weights_only=True)["step"] == 2
 
@@ -320,7 +363,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--hellaswag-interval", "5", "--hellaswag-data", "NOWHERE"], "HellaSwag file"),
         (["--hellaswag-interval", "-1"], "--hellaswag-interval must not be negative"),
         (["--data-dir", "NO_VAL"], "holds no val shards"),
-        (["--batch-size", "64", "--seq-len", "64", "--total-batch-size", "4096"], "but one batch needs 4,097"),
+        (["--batch-size", "16", "--seq-len", "64", "--total-batch-size", "1024"], "but one batch needs 1,025"),
     ],
 )
 def test_bad_settings_get_one_line(tmp_path, small_data, extra, message):
@@ -336,6 +379,44 @@ def test_bad_settings_get_one_line(tmp_path, small_data, extra, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train_gpt2.py: error: "), result.stderr
     assert message in lines[0], lines[0]
+
+
+def test_every_problem_is_reported_at_once_and_nothing_is_written(tmp_path, small_data):
+    run = tmp_path / "run"
+    result = run_train(
+        *TINY_RUN,
+        "--data-dir",
+        str(tmp_path / "no-data"),
+        "--run-dir",
+        str(run),
+        "--max-steps",
+        "10",
+        "--warmup-steps",
+        "10",
+        "--eval-steps",
+        "0",
+        "--dropout",
+        "1.5",
+        "--init-from",
+        "NOWHERE",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "train_gpt2.py: error: --eval-steps must be at least 1, got 0",
+        "train_gpt2.py: error: --dropout must be in [0, 1), got 1.5",
+        "train_gpt2.py: error: --warmup-steps 10 must be below --max-steps 10",
+        f"train_gpt2.py: error: data folder {tmp_path / 'no-data'} does not exist: run prepare_data.py first, or pass "
+        "--data-dir",
+    ]  # the sizes are wrong, so the model (and --init-from) waits for the next attempt
+    assert not run.exists()
+
+    sizes_right = run_train(*TINY_RUN, "--data-dir", str(tmp_path / "no-data"), "--run-dir", str(run),
+                            "--total-batch-size", "100", "--init-from", str(tmp_path / "no-model"))  # fmt: skip
+    lines = sizes_right.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith("train_gpt2.py: error: ") for line in lines), lines
+    assert "does not exist: run prepare_data.py" in lines[0]
+    assert "--total-batch-size 100 is not a multiple" in lines[1] and str(tmp_path / "no-model") in lines[2]
+    assert not run.exists()
 
 
 def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_existing_one(tmp_path, small_data):
@@ -510,9 +591,7 @@ def test_a_run_resumes_in_another_precision(tmp_path, small_data, capsys, first,
     assert all(math.isfinite(e[2]) for e in logged_losses(run))
 
 
-def test_resume_starts_a_run_that_has_no_checkpoint_yet_and_loses_nothing_when_killed_before_one(
-    tmp_path, small_data
-):
+def test_resume_starts_a_run_that_has_no_checkpoint_yet_and_loses_nothing_when_killed_before_one(tmp_path, small_data):
     """--resume serves a run's first start and every restart: killed before its first checkpoint and started again
     with the same command, a run logs what one never stopped logs."""
     settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "30", "--eval-interval", "10",
