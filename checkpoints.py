@@ -1,6 +1,6 @@
 """
 The run directory: checkpoints that resume a run exactly, the log every event goes to, and the bookkeeping around
-them (which checkpoint to resume, which to delete, where a resume would start).
+them (which checkpoint to resume, which to delete, where a resume would start, the summary that ends a run).
 
 A run directory holds ckpt_NNNNNN.pt (the last --keep-last), best.pt (the lowest validation loss) and log.jsonl.
 Every file is written under a temporary name and renamed, so a crash never leaves one half-written.
@@ -10,13 +10,14 @@ import json
 import os
 import random
 import re
+import shlex
 from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
 import torch
 
-from common import InputError, first_line, write_atomically
+from common import InputError, duration, first_line, write_atomically
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -114,19 +115,31 @@ def step_checkpoints(run_dir: str) -> list[str]:
     return sorted(os.path.join(run_dir, n) for n in names if re.fullmatch(r"ckpt_\d{6}\.pt", n))
 
 
-def open_run(run_dir: str, resume: bool, say: Callable[..., None]) -> tuple[dict | None, str | None]:
+def open_run(
+    run_dir: str, resume: bool, first_checkpoint_step: int, say: Callable[..., None]
+) -> tuple[dict | None, str | None]:
     """Continue the run directory (resume) or start it, never overwriting someone's run: the checkpoint to
-    continue from and its path, or (None, None) for a run that starts at step 0."""
+    continue from and its path, or (None, None) for a run that starts at step 0. A log without checkpoints is
+    started over only where it stops before the step of the first checkpoint (a run that died before writing one,
+    on a Colab disconnect say); a longer one is a finished run's record (its checkpoints deleted, or logs kept
+    apart like the README's reference runs), and stays."""
     if resume:
         checkpoint, path = latest_checkpoint(run_dir, say)
-        if checkpoint is None:  # so one command serves a run's first start and every restart
-            say(f"--resume: {run_dir} holds no checkpoint yet: starting the run at step 0")
-        return checkpoint, path
-    if step_checkpoints(run_dir):
+        if checkpoint is not None:
+            return checkpoint, path
+    elif step_checkpoints(run_dir):
         raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
-    if os.path.isfile(os.path.join(run_dir, LOG_NAME)):
-        # a run that died before its first checkpoint (a Colab disconnect, say): nothing to continue, so start over
+    log = os.path.join(run_dir, LOG_NAME)
+    logged = max((event["step"] for event in read_log(log)[0]), default=None) if os.path.isfile(log) else None
+    if logged is not None and logged >= first_checkpoint_step:
+        raise InputError(
+            f"{run_dir} holds the log of a run that reached step {logged} but no checkpoint to continue it from: "
+            f"choose another --run-dir, or delete {log} to start over"
+        )
+    if logged is not None:
         say(f"{run_dir} holds a log but no checkpoint: starting that run again from step 0")
+    elif resume:  # so one command serves a run's first start and every restart
+        say(f"--resume: {run_dir} holds no checkpoint yet: starting the run at step 0")
     return None, None
 
 
@@ -196,3 +209,63 @@ def set_rng_states(states: dict, device: str):
     keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state(("MT19937", keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(states["python"]), None))
+
+
+# --- the end of a run -------------------------------------------------------------------------------------------
+
+
+def run_summary(run_dir: str, max_steps: int, stopped_early: bool, first_step: int, wall_seconds: float) -> list[str]:
+    """What the run did, from its whole log (across resumes), then the commands a user types next, filled in."""
+    events = read_log(os.path.join(run_dir, LOG_NAME))[0]
+    train = [event for event in events if event["split"] == "train" and numeric(event, "loss", "ms", "tok_s")]
+    val = [event for event in events if event["split"] == "val" and numeric(event, "loss")]
+    reached = max((event["step"] for event in val), default=first_step)  # the loop's last step evaluates
+    lines = [
+        f"run done: step {reached:,} of {max_steps:,} in {run_dir}" + (" (stopped early)" if stopped_early else "")
+    ]
+    if val:
+        best = min(val, key=lambda event: event["loss"])
+        lines.append(f"  validation loss: best {best['loss']:.4f} at step {best['step']}, "
+                     f"last {val[-1]['loss']:.4f} at step {val[-1]['step']}")  # fmt: skip
+    if train:
+        lines += train_lines(train)
+    since = f"since the resume at step {first_step}" if first_step else "from start to end"
+    lines.append(f"  wall time: {duration(wall_seconds)} {since}, with evaluations, samples and checkpoints")
+    return lines + next_commands(run_dir)
+
+
+def numeric(event: dict, *keys: str) -> bool:  # a line written by another version may lack a field
+    return all(isinstance(event.get(key), (int, float)) for key in keys)
+
+
+def train_lines(train: list[dict]) -> list[str]:
+    """The training steps' loss, tokens and speed; a step's tokens are its tok/s times its time, so a run resumed
+    with another --total-batch-size counts each part at its own size."""
+    recent = [event["loss"] for event in train[-10:]]  # one step's loss is one batch's: noisy
+    tokens = sum(event["tok_s"] * event["ms"] / 1000 for event in train)
+    seconds = sum(event["ms"] for event in train) / 1000
+    skipped = sum(bool(event.get("skipped")) for event in train)
+    return [
+        f"  train loss: {train[-1]['loss']:.4f} at step {train[-1]['step']}, "
+        f"{sum(recent) / len(recent):.4f} over the last {len(recent)} steps",
+        f"  tokens: {tokens:,.0f} in {len(train):,} steps" + (f" ({skipped} skipped: fp16 overflow)" if skipped else "")
+        + f", {tokens / seconds:,.0f} tok/s on average over the steps",
+    ]  # fmt: skip
+
+
+def next_commands(run_dir: str) -> list[str]:
+    """Where the model to use is, and the commands that plot, sample, export and evaluate it, ready to paste."""
+    best = os.path.join(run_dir, "best.pt")
+    checkpoints = step_checkpoints(run_dir)
+    model = best if os.path.isfile(best) else checkpoints[-1] if checkpoints else None
+    if model is None:
+        return []
+    quoted = shlex.quote(model)
+    return [
+        f"  model to use: {model}" + ("" if model == best else " (no validation loss improved on step 0's)"),
+        "next:",
+        f"  python plot_losses.py {shlex.quote(run_dir)}",
+        f"  python sample.py --init-from {quoted}",
+        f"  python export.py {quoted} {shlex.quote(os.path.join(run_dir, 'hf'))}",
+        f"  python evaluate.py --init-from {quoted} --task all",
+    ]

@@ -17,17 +17,17 @@ from typing import BinaryIO, Callable
 
 class InputError(ValueError):
     """Bad input from the user: the message names the problem and the fix, in one line (a line per problem where
-    several were found together, see `InputErrors`).
+    several were found together, see `Problems`).
 
     Command-line scripts print it and exit non-zero (see `run_cli`); library callers can catch it as ValueError.
     """
 
 
-class InputErrors:
-    """Collects the InputErrors of independent checks, so that a user who made three mistakes hears of all three
+class Problems:
+    """The InputErrors of independent checks, gathered so that a user who made three mistakes hears of all three
     at once instead of one per attempt:
 
-        problems = InputErrors()
+        problems = Problems()
         with problems:
             check_the_flags(args)       # an InputError here is recorded, and the next check runs
         with problems:
@@ -38,13 +38,17 @@ class InputErrors:
     def __init__(self):
         self.lines: list[str] = []
 
-    def __enter__(self) -> "InputErrors":
+    def add(self, *lines: str):
+        self.lines += [line for line in lines if line not in self.lines]
+
+    def __enter__(self) -> "Problems":
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        if isinstance(error, InputError):
-            self.lines += [line for line in str(error).splitlines() if line not in self.lines]
-        return isinstance(error, InputError)  # True swallows it; any other exception is a bug, and propagates
+        if isinstance(error, InputError):  # recorded and swallowed: the next check runs
+            self.add(*(str(error).splitlines() or [type(error).__name__]))
+            return True
+        return False  # any other exception is a bug, and propagates
 
     def __bool__(self) -> bool:
         return bool(self.lines)
@@ -56,6 +60,14 @@ class InputErrors:
 
 def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
 
 
 # --- files ------------------------------------------------------------------------------------------------------

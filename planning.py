@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from common import duration
+
 # Hoffmann et al. 2022 ("Chinchilla"): about 20 training tokens per parameter is compute-optimal
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20
 # the seed's 124M run overfit WikiText-103 after about 9,000 steps of 65,536 tokens: some five passes
@@ -171,14 +173,6 @@ def plan_lines(f: Facts, plan: dict) -> list[str]:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds / 3600:.1f} hours"
 
 
 def physical_memory_bytes() -> int | None:

@@ -48,11 +48,18 @@ class Run:
 
 
 def run_names(run_dirs: list[str]) -> list[str]:
-    """Each run's folder name, or its path where two runs share a folder name (a rerun against its reference)."""
+    """Each run's folder name, or its path where two runs share a folder name (a rerun against its reference):
+    relative to here when it lies below, else as given."""
     names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
     if len(set(names)) == len(names):
         return names
-    return [os.path.normpath(run_dir) for run_dir in run_dirs]
+    paths = [(os.path.relpath(run_dir), os.path.normpath(run_dir)) for run_dir in run_dirs]
+    return [relative if not relative.startswith("..") else given for relative, given in paths]
+
+
+def file_prefix(names: list[str]) -> str:
+    """The PNG files' shared name: the runs' names joined, a path's separators as dashes (none leading)."""
+    return "_vs_".join(name.replace(os.sep, "-").lstrip("-.") for name in names)
 
 
 def load_run(run_dir: str, name: str | None = None) -> Run:
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None):
     runs = [load_run(run_dir, name) for run_dir, name in zip(args.runs, run_names(args.runs))]
     for run in runs:
         print(summary(run))
-    name = args.name or "_vs_".join(run.name for run in runs).replace(os.sep, "-")
+    name = args.name or file_prefix([run.name for run in runs])
     out = args.out or args.runs[0]  # a run's plots stay with it, not among the README's figures in images/
     for suffix, fig in draw(runs, args.smooth).items():
         path = os.path.join(out, f"{name}_{suffix}.png")

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import re
-import shlex
 import statistics
 import sys
 import threading
@@ -70,17 +69,17 @@ from checkpoints import (
     load_checkpoint,
     log_event,
     open_run,
-    read_log,
     remove_checkpoint,  # noqa: F401
     resume_hint,
     rng_states,
     rotate_checkpoints,
+    run_summary,
     save_checkpoint,
     set_rng_states,
     step_checkpoints,
     truncate_log,
 )
-from common import ArgumentParser, InputError, InputErrors, first_line, read_json, run_cli
+from common import ArgumentParser, InputError, Problems, first_line, read_json, run_cli
 from evaluation import (
     HELLASWAG_CACHE,
     HELLASWAG_URL,
@@ -92,6 +91,7 @@ from gpt2_files import (
     EOT_TOKEN,
     GPT2_BPE_SHA256,  # noqa: F401
     GPT2_VOCAB_SIZE,
+    HF_MODEL_NAMES,
     copy_hf_weights,
     gpt2_bpe_files,  # noqa: F401
     hf_weights,
@@ -917,22 +917,21 @@ def wrap_model(
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 
 
-def check_ranges(args: argparse.Namespace):
-    """Every flag whose value is out of its range, a line each."""
+def out_of_range(args: argparse.Namespace) -> dict[str, str]:
+    """Each flag whose value is out of its range, with the line that says so."""
     at_least_one = "n_layer n_head n_embd block_size vocab_size batch_size seq_len total_batch_size max_steps "
     at_least_one = (at_least_one + "eval_interval eval_steps keep_last").split()
     not_negative = "warmup_steps sample_interval ckpt_interval patience grad_clip weight_decay hellaswag_interval "
     not_negative = (not_negative + "hellaswag_limit").split()
-    problems = []
+    found = {}
     for name in at_least_one + not_negative:
         value, least = getattr(args, name), 1 if name in at_least_one else 0
         if value is not None and value < least:
             rule = "be at least 1" if least else "not be negative"
-            problems.append(f"--{name.replace('_', '-')} must {rule}, got {value}")
+            found[name] = f"--{name.replace('_', '-')} must {rule}, got {value}"
     if not 0 <= args.dropout < 1:
-        problems.append(f"--dropout must be in [0, 1), got {args.dropout}")
-    if problems:
-        raise InputError("\n".join(problems))
+        found["dropout"] = f"--dropout must be in [0, 1), got {args.dropout}"
+    return found
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
@@ -988,15 +987,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
 
 def check_schedule(args: argparse.Namespace):
     """Settings that must agree with each other; checked once a resumed run's own settings are back in place."""
-    problems = []
+    problems = Problems()
     if args.warmup_steps is None:  # resolved once: a resumed run keeps the warmup it started with
         args.warmup_steps = min(2000, args.max_steps // 20)
     elif args.warmup_steps >= args.max_steps:
-        problems.append(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
+        problems.add(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
     if not 0 < args.min_lr <= args.max_lr:
-        problems.append(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
-    if problems:
-        raise InputError("\n".join(problems))
+        problems.add(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+    problems.raise_any()
 
 
 def build_model(args: argparse.Namespace, given: set[str], checkpoint: dict | None) -> GPT:
@@ -1153,9 +1151,34 @@ def load_hellaswag(args: argparse.Namespace) -> list[dict]:
     return hellaswag_examples(path)[: args.hellaswag_limit or None]
 
 
-class Inputs(NamedTuple):
-    """What a run is built from, every part checked before any problem is reported (see check_inputs)."""
+def open_run_dir(
+    args: argparse.Namespace, given: set[str], plan: bool, say, problems: Problems
+) -> tuple[dict | None, str | None]:
+    """The checkpoint a resumed run continues from and its path, its settings put back into args (except those
+    given on the command line), or (None, None) for a run that starts at step 0."""
+    try:
+        first_checkpoint_step = args.ckpt_interval or args.max_steps
+        checkpoint, path = (
+            open_run(args.run_dir, args.resume, first_checkpoint_step, say) if args.resume or not plan else (None, None)
+        )
+    except InputError as e:
+        problems.add(str(e))
+        if args.resume:  # without the run's own settings, the other checks would check the wrong ones
+            problems.raise_any()
+        return None, None
+    for name, value in (checkpoint or {}).get("args", {}).items():
+        if name not in given and name not in ("resume", "device"):
+            setattr(args, name, value)
+    if checkpoint is not None and checkpoint["step"] > args.max_steps:
+        problems.add(f"{path} is at step {checkpoint['step']}, past --max-steps {args.max_steps}: "
+                     "give a larger --max-steps to continue the run")  # fmt: skip
+    return checkpoint, path
 
+
+class Inputs(NamedTuple):
+    """What a run is built from, every part checked before any problem is reported (see gather_inputs)."""
+
+    device: str
     checkpoint: dict | None  # the one being resumed
     resumed_from: str | None  # its path
     precision: str
@@ -1167,41 +1190,43 @@ class Inputs(NamedTuple):
     model: GPT  # on the CPU
 
 
-def check_inputs(
-    args: argparse.Namespace, given: set[str], rank: int, world_size: int, device: str, plan: bool, say
+def gather_inputs(
+    args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int, plan: bool, say
 ) -> Inputs:
-    """Everything the run reads or is told, before anything is written: the flags, the run directory (resumed or
-    new), the precision, the data, HellaSwag's file and the model (--init-from or the checkpoint). A user with three
-    mistakes hears of all three at once, a line each, instead of one per attempt."""
-    problems = InputErrors()
+    """Everything the run is built from, loaded and checked before anything is written: the flags, the device, the
+    run directory (resumed or new), the precision, the data, the model and HellaSwag's file. A user with three
+    mistakes hears of all three at once, a line each, instead of one per attempt. Downloads (OpenAI's weights,
+    HellaSwag) come last, and only when nothing else is wrong: a typo should not cost gigabytes first."""
+    problems, bad_flags = Problems(), out_of_range(args)
+    problems.add(*bad_flags.values())
+    device = None
     with problems:
-        check_ranges(args)
-    sizes_usable = not problems  # the accumulation and the model divide by the sizes
-    checkpoint = resumed_from = None
-    with problems:
-        checkpoint, resumed_from = open_run(args.run_dir, args.resume, say) if args.resume or not plan else (None, None)
-    for name, value in (checkpoint or {}).get("args", {}).items():
-        if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
-            setattr(args, name, value)
+        device = training_device(args.device, local_rank, world_size)
+    checkpoint, resumed_from = open_run_dir(args, given, plan, say, problems)
     with problems:
         check_schedule(args)
-    with problems:
-        precision, why = choose_precision(device, args.dtype)
+    if device:
+        with problems:
+            precision, why = choose_precision(device, args.dtype)
     with problems:
         train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
     with problems:
         val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
-    with problems:  # a plan downloads nothing, and checks a file it is given as the run does
-        hellaswag = load_hellaswag(args) if args.hellaswag_interval > 0 and (args.hellaswag_data or not plan) else None
-    if sizes_usable:
+    if not bad_flags.keys() & {"batch_size", "seq_len", "total_batch_size"}:  # it divides by them
         with problems:
             grad_accum_steps = accumulation_steps(args, world_size)
+    model_from_hub = checkpoint is None and args.init_from in HF_MODEL_NAMES and not os.path.isdir(args.init_from)
+    hellaswag, hellaswag_wanted = None, args.hellaswag_interval > 0 and (args.hellaswag_data or not plan)
+    if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
         torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
         with problems:
             model = build_model(args, given, checkpoint)
+    if hellaswag_wanted and (args.hellaswag_data or not problems):  # a plan downloads nothing
+        with problems:
+            hellaswag = load_hellaswag(args)
     problems.raise_any()
     return Inputs(
-        checkpoint, resumed_from, precision, why, grad_accum_steps, train_loader, val_loader, hellaswag, model
+        device, checkpoint, resumed_from, precision, why, grad_accum_steps, train_loader, val_loader, hellaswag, model
     )
 
 
@@ -1211,9 +1236,9 @@ def start_run(
     """Everything before the first step: the inputs checked, the run directory made, the model's precision,
     optimizer and wrappers, and where a resumed run left off. Prints what it chose. A plan builds the same run and
     writes nothing: a run directory that would be refused is the plan's warning to give."""
-    device = training_device(args.device, local_rank, world_size)
     say = functools.partial(print, flush=True) if rank == 0 else (lambda *parts: None)
-    inputs = check_inputs(args, given, rank, world_size, device, plan, say)
+    inputs = gather_inputs(args, given, rank, local_rank, world_size, plan, say)
+    device = inputs.device
     if world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
     if not plan:
@@ -1364,55 +1389,12 @@ def due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def summarize_run(run: Run, first_step: int, wall_seconds: float) -> list[str]:
-    """What the run did, from its whole log (across resumes), and the commands a user types next, filled in."""
-    args = run.args
-    events = read_log(os.path.join(args.run_dir, LOG_NAME))[0]
-    train = [event for event in events if event["split"] == "train"]  # one per step done: a resume cut the rest
-    val = [event for event in events if event["split"] == "val"]
-    steps, tokens = len(train), len(train) * args.total_batch_size
-    early = " (stopped early: the validation loss stopped improving)" if steps < args.max_steps else ""
-    lines = [f"run done: {steps:,} of {args.max_steps:,} steps in {args.run_dir}{early}"]
-    if val:
-        best = min(val, key=lambda event: event["loss"])
-        lines.append(
-            f"  validation loss: best {best['loss']:.4f} at step {best['step']}, "
-            f"last {val[-1]['loss']:.4f} at step {val[-1]['step']}"
-        )
-    if train:
-        recent = [event["loss"] for event in train[-10:]]  # one step's loss is one batch's: noisy
-        lines.append(
-            f"  train loss: {train[-1]['loss']:.4f} at step {train[-1]['step']}, "
-            f"{statistics.fmean(recent):.4f} over the last {len(recent)} steps"
-        )
-        seconds_in_steps = sum(event["ms"] for event in train) / 1000
-        lines.append(
-            f"  tokens: {tokens:,} ({steps:,} steps of {args.total_batch_size:,}), "
-            f"{tokens / seconds_in_steps:,.0f} tok/s on average over the steps"
-        )
-    since = f"since the resume at step {first_step}" if first_step else "from start to end"
-    lines.append(f"  wall time: {planning.duration(wall_seconds)} {since}, with evaluations, samples and checkpoints")
-    best_pt = os.path.join(args.run_dir, "best.pt")
-    model = best_pt if os.path.isfile(best_pt) else run.last_checkpoint
-    if model:
-        quoted, hf_folder = shlex.quote(model), shlex.quote(os.path.join(args.run_dir, "hf"))
-        lines += [
-            f"  model to use: {model}" + ("" if model == best_pt else " (no validation loss improved on step 0's)"),
-            "next:",
-            f"  python plot_losses.py {shlex.quote(args.run_dir)}",
-            f"  python sample.py --init-from {quoted}",
-            f"  python export.py {quoted} {hf_folder}",
-            f"  python evaluate.py --init-from {quoted} --task all",
-        ]
-    return lines
-
-
 def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int, world_size: int):
     """The loop: at each step, checkpoint, evaluate and sample when they are due, then one optimizer step. Ends with
     a summary of the run."""
     started = time.perf_counter()
     run = start_run(args, given, rank, local_rank, world_size)
-    first = run.step
+    first, stopped_early = run.step, False
     for step in range(first, args.max_steps + 1):
         last = step == args.max_steps
         # checkpoint first, then evaluate: a run resumed here repeats this step's evaluation exactly
@@ -1421,7 +1403,8 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
             if run.master:
                 rotate_checkpoints(args.run_dir, args.keep_last)
         if (last or due(step, args.eval_interval)) and validate(run, step):
-            break  # early stop
+            stopped_early = True
+            break
         if run.hellaswag and (last or due(step, args.hellaswag_interval)):
             log_hellaswag(run, step)
         if run.master and args.sample_interval and (last or due(step, args.sample_interval)):
@@ -1429,8 +1412,8 @@ def train(args: argparse.Namespace, given: set[str], rank: int, local_rank: int,
         if last:
             break
         train_step(run, step)
-    for line in summarize_run(run, first, time.perf_counter() - started) if run.master else []:
-        print(line, flush=True)
+    if run.master:
+        print("\n".join(run_summary(args.run_dir, args.max_steps, stopped_early, first, time.perf_counter() - started)))
 
 
 # --plan: the run built as training builds it, a few of its real optimizer steps timed, and what the whole run

@@ -1,7 +1,7 @@
 """The README's commands paste: every command in its bash blocks, every `python ...` in its prose and every row of
-its seed table names files that exist and flags its script accepts; the test command is the one CI runs; and the
-CPU demo's commands, pasted in order into a copy of the repository, run and change no committed file (the
-reference logs of the README's runs included).
+its seed table runs a script of the project with flags it accepts, and names no file outside the repository; the
+test command is the one CI runs; and the CPU demo's commands, pasted in order into a copy of the repository, run and
+change no committed file (the reference logs of the README's runs included).
 
 python -m pytest tests/test_readme.py -q
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from common import InputError
 from conftest import REPO, shared_file
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -78,14 +79,22 @@ def script_and_args(command: list[str]) -> tuple[str, list[str]] | None:
 
 
 def parse_error(script: str, argv: list[str]) -> str | None:
-    """What the script's own argument parsing (argparse and its checks) says of argv, or None if it accepts it."""
+    """What the script's own argument parsing (argparse and its checks) says of argv, or None if it accepts it.
+    train_gpt2.py checks its flags' ranges and schedule with the rest of its inputs: those checks run here too."""
     module = importlib.import_module(script.removesuffix(".py"))
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            module.parse_args(argv)
+            args = module.parse_args(argv)
     except SystemExit as e:
         return stderr.getvalue().strip() if e.code else None  # --help exits with 0
+    if script == "train_gpt2.py":
+        args = args[0]
+        try:
+            module.check_schedule(args)
+        except InputError as e:
+            return str(e)
+        return "\n".join(module.out_of_range(args).values()) or None
     return None
 
 
@@ -100,7 +109,8 @@ def test_the_readme_is_read_whole():
 
 @pytest.mark.parametrize("command", every_command(), ids=lambda command: " ".join(command)[:80])
 def test_each_command_names_a_script_that_accepts_its_flags(command):
-    assert "..." not in command and not any("..." in word for word in command), f"not pasteable: {command}"
+    assert not any("..." in word for word in command), f"not pasteable: {command}"
+    assert not any(word.startswith("../") for word in command), f"a file outside a user's clone: {command}"
     run = script_and_args(command)
     program, *rest = command
     if run:
@@ -155,7 +165,12 @@ def test_the_cpu_demo_runs_as_written_and_changes_no_committed_file(tmp_path):
         done = subprocess.run([sys.executable, *argv], cwd=clone, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{shlex.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
+    written = {path for path in clone.rglob("*") if path.is_file()} - set(committed)
     assert {path: digest(path) for path in committed if path.is_file()} == committed
+    assert all(path.relative_to(clone).parts[0] in ("runs", "data") for path in written), written
+    ignored = subprocess.run(["git", "check-ignore", "runs/cpu-demo/log.jsonl", "data/tinyshakespeare/x.bin"],
+                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert ignored.returncode == 0 and len(ignored.stdout.splitlines()) == 2, "runs/ and data/ must stay out of git"
     assert (clone / "runs" / "cpu-demo" / "log.jsonl").is_file() and (clone / "runs" / "cpu-demo" / "best.pt").is_file()
     assert (clone / "runs" / "cpu-demo" / "runs-cpu-demo_vs_reference-cpu-demo_loss.png").is_file()
 

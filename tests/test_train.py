@@ -239,7 +239,8 @@ def test_tiny_run_on_real_text_learns_logs_checkpoints_and_samples(tmp_path):
 def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_data):
     settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "24", "--eval-interval", "8",
                 "--ckpt-interval", "6", "--sample-interval", "0", "--dropout", "0.1"]  # fmt: skip
-    assert run_train(*settings, "--run-dir", str(tmp_path / "straight")).returncode == 0
+    straight = run_train(*settings, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
 
     killed = tmp_path / "killed"
     interrupt_when((killed / "ckpt_000012.pt").exists, [*settings, "--run-dir", str(killed)])
@@ -250,8 +251,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_dat
     assert "resuming at step" in resumed.stdout
     assert logged_losses(killed) == logged_losses(tmp_path / "straight")
     # the summary covers the whole run, not only the part after the resume
-    assert "run done: 24 of 24 steps" in resumed.stdout and "tokens: 6,144 (24 steps of 256)" in resumed.stdout
-    assert re.search(r"wall time: .* since the resume at step 1[28]", resumed.stdout), resumed.stdout
+    # the summary covers the whole run, as the straight run's does, not only the part after the resume
+    summary, straight_summary = summary_of(resumed.stdout), summary_of(straight.stdout)
+    assert summary[0] == f"run done: step 24 of 24 in {killed}"
+    assert summary[1:3] == straight_summary[1:3]  # the best and last validation losses, the train loss
+    assert summary[3].startswith("  tokens: 6,144 in 24 steps, ")
+    assert re.fullmatch(r"  wall time: .* since the resume at step 1[28], .*", summary[4]), summary[4]
 
 
 def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_path, small_data):
@@ -297,27 +302,33 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, small_da
     assert state["step"] == 4
 
 
+def summary_of(stdout: str) -> list[str]:
+    return stdout[stdout.index("run done:") :].splitlines()
+
+
 def test_a_run_ends_with_a_summary_of_its_log_and_next_commands_that_run(tmp_path, small_data):
     run = tmp_path / "my run"  # a space: the commands must quote the paths
     result = run_train(*TINY_RUN, "--data-dir", str(small_data), "--run-dir", str(run), "--max-steps", "12",
                        "--eval-interval", "4", "--sample-interval", "0", "--ckpt-interval", "0")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    summary = result.stdout[result.stdout.index("run done:") :].splitlines()
+    summary = summary_of(result.stdout)
     events = logged_events(run)
     train = [e for e in events if e["split"] == "train"]
     val = [e for e in events if e["split"] == "val"]
     best = min(val, key=lambda e: e["loss"])
-    tokens_per_s = 12 * 256 / (sum(e["ms"] for e in train) / 1000)
+    tokens_per_s = 12 * 256 / (sum(e["ms"] for e in train) / 1000)  # every step 256 tokens
     recent = sum(e["loss"] for e in train[-10:]) / 10
     assert summary[:6] == [
-        f"run done: 12 of 12 steps in {run}",
+        f"run done: step 12 of 12 in {run}",
         f"  validation loss: best {best['loss']:.4f} at step {best['step']}, last {val[-1]['loss']:.4f} at step 12",
         f"  train loss: {train[-1]['loss']:.4f} at step 11, {recent:.4f} over the last 10 steps",
-        f"  tokens: 3,072 (12 steps of 256), {tokens_per_s:,.0f} tok/s on average over the steps",
+        f"  tokens: 3,072 in 12 steps, {tokens_per_s:,.0f} tok/s on average over the steps",
         summary[4],
         f"  model to use: {run / 'best.pt'}",
     ]
-    assert re.fullmatch(r"  wall time: \d+ s from start to end, with evaluations, samples and checkpoints", summary[4])
+    assert re.fullmatch(
+        r"  wall time: \S+ \w+ from start to end, with evaluations, samples and checkpoints", summary[4]
+    )
     assert summary[6] == "next:"
     commands = [shlex.split(line) for line in summary[7:]]
     assert [command[:2] for command in commands] == [
@@ -341,7 +352,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
                      "--eval-interval", "2", "--patience", "2", "--sample-interval", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "early stop: no better validation loss in 2 evaluations (best 4.0000)" in out
-    assert "run done: 6 of 30 steps" in out and "(stopped early" in out
+    assert f"run done: step 6 of 30 in {run} (stopped early)" in out
     assert "validation loss: best 4.0000 at step 2, last 4.6000 at step 6" in out
     assert max(e[0] for e in logged_losses(run)) == 6  # evaluations at 0, 2 (best), 4, 6: stop
     assert torch.load(run / "best.pt", weights_only=True)["step"] == 2
@@ -382,40 +393,26 @@ def test_bad_settings_get_one_line(tmp_path, small_data, extra, message):
 
 
 def test_every_problem_is_reported_at_once_and_nothing_is_written(tmp_path, small_data):
-    run = tmp_path / "run"
-    result = run_train(
-        *TINY_RUN,
-        "--data-dir",
-        str(tmp_path / "no-data"),
-        "--run-dir",
-        str(run),
-        "--max-steps",
-        "10",
-        "--warmup-steps",
-        "10",
-        "--eval-steps",
-        "0",
-        "--dropout",
-        "1.5",
-        "--init-from",
-        "NOWHERE",
-    )
+    run, error = tmp_path / "run", "train_gpt2.py: error: "
+    result = run_train(*TINY_RUN, "--data-dir", str(tmp_path / "no-data"), "--run-dir", str(run), "--max-steps", "10",
+                       "--warmup-steps", "10", "--eval-steps", "0", "--device", "nosuch", "--init-from",
+                       str(tmp_path / "no-model.pt"), "--hellaswag-interval", "5", "--hellaswag-data",
+                       str(tmp_path / "no-hellaswag.jsonl"))  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == [
-        "train_gpt2.py: error: --eval-steps must be at least 1, got 0",
-        "train_gpt2.py: error: --dropout must be in [0, 1), got 1.5",
-        "train_gpt2.py: error: --warmup-steps 10 must be below --max-steps 10",
-        f"train_gpt2.py: error: data folder {tmp_path / 'no-data'} does not exist: run prepare_data.py first, or pass "
-        "--data-dir",
-    ]  # the sizes are wrong, so the model (and --init-from) waits for the next attempt
+    lines = result.stderr.splitlines()
+    assert all(line.startswith(error) for line in lines), lines
+    assert [line.removeprefix(error).split(" ")[0] for line in lines] == [
+        "--eval-steps", "device", "--warmup-steps", "data", str(tmp_path / "no-model.pt"), "HellaSwag"
+    ], lines  # fmt: skip
     assert not run.exists()
 
-    sizes_right = run_train(*TINY_RUN, "--data-dir", str(tmp_path / "no-data"), "--run-dir", str(run),
-                            "--total-batch-size", "100", "--init-from", str(tmp_path / "no-model"))  # fmt: skip
-    lines = sizes_right.stderr.splitlines()
-    assert len(lines) == 3 and all(line.startswith("train_gpt2.py: error: ") for line in lines), lines
-    assert "does not exist: run prepare_data.py" in lines[0]
-    assert "--total-batch-size 100 is not a multiple" in lines[1] and str(tmp_path / "no-model") in lines[2]
+    # a wrong model size leaves the model unbuilt; downloads (OpenAI's weights, HellaSwag) wait for a clean run
+    waits = run_train(*TINY_RUN, "--data-dir", str(tmp_path / "no-data"), "--run-dir", str(run), "--n-head", "0",
+                      "--init-from", "gpt2", "--hellaswag-interval", "5")  # fmt: skip
+    assert waits.stderr.splitlines() == [
+        f"{error}--n-head must be at least 1, got 0",
+        f"{error}data folder {tmp_path / 'no-data'} does not exist: run prepare_data.py first, or pass --data-dir",
+    ]
     assert not run.exists()
 
 
@@ -433,6 +430,19 @@ def test_resume_refuses_a_different_model_and_a_fresh_run_refuses_an_existing_on
     assert other.returncode == 1
     assert "--n-layer 3 differs from the checkpoint being resumed's 2" in other.stderr
     assert os.path.isfile(run / "ckpt_000004.pt")
+    shorter = run_train("--resume", "--run-dir", str(run), "--max-steps", "3")
+    assert shorter.returncode == 1 and "ckpt_000004.pt is at step 4, past --max-steps 3" in shorter.stderr
+
+    # a finished run's log without its checkpoints (the README's reference runs) is a record, not a run to redo
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "log.jsonl").write_bytes((run / "log.jsonl").read_bytes())
+    for flags in ([], ["--resume"]):
+        refused = run_train(*args, "--run-dir", str(kept), *flags)
+        assert (
+            refused.returncode == 1 and "holds the log of a run that reached step 4 but no checkpoint" in refused.stderr
+        )
+    assert (kept / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes() and os.listdir(kept) == ["log.jsonl"]
 
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, small_data):
