@@ -1156,8 +1156,8 @@ def open_run_dir(
 ) -> tuple[dict | None, str | None]:
     """The checkpoint a resumed run continues from and its path, its settings put back into args (except those
     given on the command line), or (None, None) for a run that starts at step 0."""
+    first_checkpoint_step = args.ckpt_interval or args.max_steps  # a log that got this far is a record, kept
     try:
-        first_checkpoint_step = args.ckpt_interval or args.max_steps
         checkpoint, path = (
             open_run(args.run_dir, args.resume, first_checkpoint_step, say) if args.resume or not plan else (None, None)
         )
@@ -1167,7 +1167,7 @@ def open_run_dir(
             problems.raise_any()
         return None, None
     for name, value in (checkpoint or {}).get("args", {}).items():
-        if name not in given and name not in ("resume", "device"):
+        if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
             setattr(args, name, value)
     if checkpoint is not None and checkpoint["step"] > args.max_steps:
         problems.add(f"{path} is at step {checkpoint['step']}, past --max-steps {args.max_steps}: "
@@ -1216,12 +1216,13 @@ def gather_inputs(
         with problems:
             grad_accum_steps = accumulation_steps(args, world_size)
     model_from_hub = checkpoint is None and args.init_from in HF_MODEL_NAMES and not os.path.isdir(args.init_from)
+    # a plan downloads nothing, and checks a file it is given as the run does
     hellaswag, hellaswag_wanted = None, args.hellaswag_interval > 0 and (args.hellaswag_data or not plan)
     if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
         torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
         with problems:
             model = build_model(args, given, checkpoint)
-    if hellaswag_wanted and (args.hellaswag_data or not problems):  # a plan downloads nothing
+    if hellaswag_wanted and (args.hellaswag_data or not problems):
         with problems:
             hellaswag = load_hellaswag(args)
     problems.raise_any()
