@@ -96,6 +96,10 @@ def read_log(path: str) -> tuple[list[dict], int]:
     return events, malformed
 
 
+def numeric(event: dict, *keys: str) -> bool:  # a line written by another version may lack a field
+    return all(isinstance(event.get(key), (int, float)) for key in keys)
+
+
 def truncate_log(run_dir: str, step: int):
     """Drop events of steps >= step: a resumed run logs them again, as if it had never stopped."""
     path = os.path.join(run_dir, LOG_NAME)
@@ -232,10 +236,6 @@ def run_summary(run_dir: str, max_steps: int, stopped_early: bool, first_step: i
     since = f"since the resume at step {first_step}" if first_step else "from start to end"
     lines.append(f"  wall time: {duration(wall_seconds)} {since}, with evaluations, samples and checkpoints")
     return lines + next_commands(run_dir)
-
-
-def numeric(event: dict, *keys: str) -> bool:  # a line written by another version may lack a field
-    return all(isinstance(event.get(key), (int, float)) for key in keys)
 
 
 def train_lines(train: list[dict]) -> list[str]:

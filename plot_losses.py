@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
-from checkpoints import LOG_NAME, read_log  # noqa: E402
+from checkpoints import LOG_NAME, numeric, read_log  # noqa: E402
 from common import ArgumentParser, InputError, run_cli, write_atomically  # noqa: E402
 
 UNIFORM_LOSS = math.log(50257)  # 10.82: the loss of a model that gives every GPT-2 token the same probability
@@ -71,16 +71,16 @@ def load_run(run_dir: str, name: str | None = None) -> Run:
     events, malformed = read_log(path)
     run = Run(name=name or os.path.basename(os.path.normpath(run_dir)), malformed=malformed)
     for event in events:
-        if event["split"] == "train" and all(isinstance(event.get(key), (int, float)) for key in run.train):
+        if event["split"] == "train" and numeric(event, *run.train):
             run.train_steps.append(event["step"])
             for key, column in run.train.items():
                 column.append(float(event[key]))
             if event.get("skipped"):
                 run.skipped_steps.append(event["step"])
-        elif event["split"] == "val" and isinstance(event.get("loss"), (int, float)):
+        elif event["split"] == "val" and numeric(event, "loss"):
             run.val_steps.append(event["step"])
             run.val_loss.append(float(event["loss"]))
-        elif event["split"] == "hellaswag" and isinstance(event.get("acc_norm"), (int, float)):
+        elif event["split"] == "hellaswag" and numeric(event, "acc_norm"):
             run.hellaswag_steps.append(event["step"])
             run.hellaswag_acc_norm.append(float(event["acc_norm"]))
     if not run.train_steps and not run.val_steps:

@@ -1216,8 +1216,9 @@ def gather_inputs(
         with problems:
             grad_accum_steps = accumulation_steps(args, world_size)
     model_from_hub = checkpoint is None and args.init_from in HF_MODEL_NAMES and not os.path.isdir(args.init_from)
+    hellaswag = None
     # a plan downloads nothing, and checks a file it is given as the run does
-    hellaswag, hellaswag_wanted = None, args.hellaswag_interval > 0 and (args.hellaswag_data or not plan)
+    hellaswag_wanted = args.hellaswag_interval > 0 and (args.hellaswag_data or not plan)
     if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
         torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
         with problems:
