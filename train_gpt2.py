@@ -539,6 +539,7 @@ SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 SHARD_DTYPE = np.uint16
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.json"
+IGNORE = -100  # a target that F.cross_entropy leaves out of the loss (its ignore_index)
 
 
 def shard_name(dataset: str, split: str, index: int) -> str:
@@ -600,75 +601,96 @@ def find_shards(data_dir: str, split: str) -> list[str]:
 
 
 class DataLoader:
-    """Streams (x, y) batches of shape (B, T) from a split's shards; y is x shifted left by one token.
+    """(x, y) batches of shape (B, T) from a split's shards; y is x shifted left by one token.
 
-    Shards are memory-mapped, so the data set never has to fit in RAM. Under DDP the ranks read interleaved,
-    disjoint windows of each shard: rank r takes tokens [p + r*B*T, p + (r+1)*B*T] of the current stride p, so
-    together they read exactly what one process with a world_size times larger batch would. At the end of a shard
-    the loader moves to the next, and after the last it starts a new epoch in a new shard order (shuffled with the
-    seed: walking the shards in the same order every epoch gives the loss a bump at every shard boundary).
-    Its position is three numbers (`state_dict`), saved in checkpoints so a resumed run reads the very next batch.
+    Each shard is cut into windows of T + 1 tokens, T apart: a row's T inputs and the token after each. Training
+    reads every window once an epoch, in a shuffled order: the shards in an order drawn from (seed, epoch), the
+    windows of each in an order drawn from (seed, epoch, shard), after an offset of 0 to T - 1 tokens drawn with it
+    (so the windows' edges move between epochs). Each row of a batch is a window of its own, from anywhere in the
+    shard. Read front to back instead, a batch is one article and the next batch its continuation: the model
+    drifts toward what it read last, and at equal settings trained 0.26 nats worse than nanoGPT's random windows
+    (README, Data). llm.c shuffles too (`intra_shard_indices` in its dataloader.h), but the order of whole batches,
+    each still B x T contiguous tokens; a window per row mixes more, for B short reads of the memory map, not one.
+
+    An epoch is one stream of windows: a batch that starts near the end of a shard or an epoch takes its other rows
+    from the next. Under DDP each batch of the stream is B x world_size windows, rank r reading rows r*B to
+    (r+1)*B - 1, so the ranks together read exactly what one process with a world_size times larger batch would.
+    The position is three numbers (`state_dict`), saved in checkpoints so a resumed run reads the very next batch.
+    Validation reads other windows: `spread_batches`.
     """
 
     def __init__(
-        self,
-        data_dir: str,
-        split: str,
-        batch_size: int,
-        seq_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 1337,
-        shuffle: bool = True,
+        self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1, seed=1337
     ):
         self.paths = find_shards(data_dir, split)
         self.B, self.T = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.stride = batch_size * seq_len * world_size  # tokens all ranks consume per batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rows = batch_size * world_size  # windows all ranks read per batch
         lengths = [len(load_tokens(path)) for path in self.paths]
         self.total_tokens = sum(lengths)
-        if max(lengths) < self.stride + 1:
+        self.windows_per_shard = [(n - 1) // seq_len for n in lengths]  # each shard's windows from its first token
+        fewest = sum(max(0, n - seq_len) // seq_len for n in lengths)  # at the largest offset, T - 1
+        if fewest < self.rows:
             raise InputError(
-                f"the {split} shards in {data_dir} hold at most {max(lengths):,} tokens each, but one batch needs "
-                f"{self.stride + 1:,} (batch {batch_size} x seq-len {seq_len} x {world_size} processes, + 1): "
-                "use a smaller batch or sequence, or more data"
+                f"the {split} shards in {data_dir} hold {self.total_tokens:,} tokens, {fewest:,} windows of "
+                f"seq-len {seq_len} + 1, but one batch needs {self.rows:,} windows (batch {batch_size} x "
+                f"{world_size} processes): use a smaller batch or sequence, or more data"
             )
-        self.reset()
-
-    def reset(self):
-        """Back to the first batch of epoch 0: the validation loader does this before every evaluation."""
-        self.load_state_dict({"epoch": 0, "shard": 0, "position": 0})
+        self.load_state_dict({"epoch": 0, "shard": 0, "window": 0})
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
+        return {"epoch": self.epoch, "shard": self.shard, "window": self.window}
 
     def load_state_dict(self, state: dict[str, int]):
-        self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
-        self.order = self.shard_order(self.epoch)
-        self.tokens = load_tokens(self.paths[self.order[self.shard]])
+        # a checkpoint from before the shuffle counted the tokens read of its shard: as many windows, in the new order
+        window = state["window"] if "window" in state else state["position"] // self.T
+        self.epoch, self.shard, self.window = state["epoch"], state["shard"], window
+        self.open_shard()
 
-    def shard_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.paths)))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.paths)).tolist()
+    def open_shard(self):
+        """The current shard's tokens, and the start of each of its windows in this epoch's order."""
+        index = int(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))[self.shard])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        self.tokens = load_tokens(self.paths[index])
+        offset = int(rng.integers(self.T))
+        self.starts = offset + self.T * rng.permutation(max(0, len(self.tokens) - 1 - offset) // self.T)
+
+    def next_window(self) -> tuple[np.ndarray, int]:
+        """The next window of the stream: a shard's tokens, and where in them the window starts."""
+        while self.window >= len(self.starts):  # this shard is done: on to the next, or to the next epoch
+            self.shard, self.window = self.shard + 1, 0
+            if self.shard == len(self.paths):
+                self.epoch, self.shard = self.epoch + 1, 0
+            self.open_shard()
+        self.window += 1
+        return self.tokens, int(self.starts[self.window - 1])
+
+    def rows_of(self, windows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([tokens[start : start + self.T + 1] for tokens, start in windows])  # (B, T + 1), B reads
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) inputs, (B, T) targets: the next tokens
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        while self.position + self.stride + 1 > len(self.tokens):  # this shard is used up (or too short)
-            self.advance_shard()
-        start = self.position + self.rank * self.B * self.T
-        window = torch.from_numpy(self.tokens[start : start + self.B * self.T + 1].astype(np.int64))  # (B*T + 1,)
-        self.position += self.stride
-        x = window[:-1].view(self.B, self.T)  # (B, T) inputs
-        y = window[1:].view(self.B, self.T)  # (B, T) targets: the token after each input
-        return x, y
+        windows = [self.next_window() for _ in range(self.rows)]  # every rank steps through the whole batch
+        return self.rows_of(windows[self.rank * self.B : (self.rank + 1) * self.B])
 
-    def advance_shard(self):
-        self.shard, self.position = self.shard + 1, 0
-        if self.shard == len(self.paths):
-            self.epoch, self.shard = self.epoch + 1, 0
-            self.order = self.shard_order(self.epoch)
-        self.tokens = load_tokens(self.paths[self.order[self.shard]])
+    def spread_batches(self, n_windows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Validation's batches: n_windows windows at even gaps over the whole split (each shard's windows from its
+        first token, no shuffle, no offset), the same at every call so that evaluations compare. With n_windows at
+        least the split's count, every window once: the exact loss of the split. Rows past the last window fill the
+        last batch with IGNORE targets, which the loss leaves out."""
+        first = np.cumsum([0, *self.windows_per_shard])  # first[k]: shard k's first window; first[-1]: all of them
+        total = int(first[-1])
+        n_windows = min(n_windows, total)
+        picked = (2 * np.arange(n_windows) + 1) * total // (2 * n_windows)  # the middle of n_windows equal parts
+        shard = np.searchsorted(first, picked, side="right") - 1
+        tokens = {k: load_tokens(self.paths[k]) for k in set(shard.tolist())}
+        windows = [(tokens[k], (i - first[k]) * self.T) for i, k in zip(picked.tolist(), shard.tolist())]
+        for start in range(0, n_windows, self.rows):
+            mine = windows[start + self.rank * self.B : start + (self.rank + 1) * self.B]
+            x, y = self.rows_of(mine + [windows[0]] * (self.B - len(mine)))
+            y[len(mine) :] = IGNORE
+            yield x, y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -792,22 +814,21 @@ def step_optimizer(
 
 @torch.no_grad()
 def estimate_loss(model: nn.Module, loader: DataLoader, steps: int, autocast, device: str) -> float:
-    """Mean loss over the same `steps` validation batches every time. Under DDP the processes share the batches
-    (each reads its own interleaved windows) and average their losses: the same windows one process would read."""
+    """Mean loss per token over `steps` x B validation windows spread over the whole split, the same every time
+    (`spread_batches`). Under DDP each process scores its rows of every batch, and the processes add up their
+    summed losses and target counts: the figure one process gets."""
     model.eval()
-    loader.reset()
-    total = torch.zeros((), device=device)
-    steps = math.ceil(steps / loader.world_size)
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        with autocast():
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.float()
+    total = torch.zeros(2, device=device)  # summed loss, targets
+    for x, y in loader.spread_batches(steps * loader.B):
+        n_targets = int((y != IGNORE).sum())
+        if n_targets:  # a process whose rows all lie past the split's last window has nothing to score
+            with autocast():
+                _, loss = model(x.to(device), y.to(device))  # the mean over the targets it counts
+            total += torch.stack([loss.float() * n_targets, torch.tensor(float(n_targets), device=device)])
     model.train()
-    mean = total / steps
     if dist.is_initialized():
-        dist.all_reduce(mean, op=dist.ReduceOp.AVG)
-    return mean.item()
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def hellaswag_scores(
@@ -966,7 +987,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     # evaluation, sampling, checkpoints
     add("--eval-interval", type=int, default=250, help="steps between validation losses")
-    add("--eval-steps", type=int, default=20, help="validation batches per evaluation (all processes)")
+    add("--eval-steps", type=int, default=20, help="validation batches, spread evenly over the whole split")
     add("--sample-interval", type=int, default=1000, help="steps between text samples (0 = never)")
     add("--hellaswag-interval", type=int, default=0, help="steps between HellaSwag accuracies (0 = never)")
     add("--hellaswag-data", help="HellaSwag jsonl (default: downloaded once into data/hellaswag)")
@@ -1141,6 +1162,13 @@ def describe_run(run: Run, peak_source: str, resumed_from: str | None, plan: boo
         f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {run.world_size} process(es) "
         f"x {run.grad_accum_steps} accumulation steps | mfu against the {peak_source}, {run.peak / 1e12:.3g} TFLOP/s"
     )
+    windows = sum(run.val_loader.windows_per_shard)
+    every = math.ceil(windows / args.batch_size)  # the --eval-steps that reads all of them
+    coverage = "all of them" if args.eval_steps >= every else f"--eval-steps {every} reads all of them"
+    run.say(
+        f"validation: {min(windows, args.eval_steps * args.batch_size):,} of the split's {windows:,} windows of "
+        f"{args.seq_len} tokens, evenly spread ({coverage})"
+    )
     where = f"from {resumed_from}" if resumed_from else f"in {args.run_dir}"
     doing = "planning a run" if plan else "resuming" if resumed_from else "starting"
     run.say(f"{doing} at step {run.step} of {args.max_steps} {where}" + (" (nothing is written)" if plan else ""))
@@ -1211,7 +1239,7 @@ def gather_inputs(
     with problems:
         train_loader = DataLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size, args.seed)
     with problems:
-        val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size, shuffle=False)
+        val_loader = DataLoader(args.data_dir, "val", args.batch_size, args.seq_len, rank, world_size)
     if not bad_flags.keys() & {"batch_size", "seq_len", "total_batch_size"}:  # it divides by them
         with problems:
             grad_accum_steps = accumulation_steps(args, world_size)

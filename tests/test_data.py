@@ -1,9 +1,11 @@
 """Data: prepare_data.py turns text into shards whose tokens are exactly tiktoken's, and the DataLoader streams
-them back in (B, T) windows, per DDP rank, across shards and epochs, resumable from three numbers.
+them back as (B, T) batches of shuffled windows, per DDP rank, across shards and epochs, resumable from three
+numbers; validation reads windows spread evenly over its split.
 
 python -m pytest tests/test_data.py -q
 """
 
+import contextlib
 import json
 import os
 import random
@@ -16,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prepare_data
 import text_data
-from conftest import REPO, shared_file
-from train_gpt2 import EOT_TOKEN, DataLoader, get_tokenizer, load_tokens
+from conftest import REPO, shared_file, tiny_config
+from train_gpt2 import EOT_TOKEN, GPT, IGNORE, DataLoader, estimate_loss, get_tokenizer, load_tokens, shard_bytes
 
 WORDS = "the of and to in a is was for on as with by he at from his an were are which this be or had".split()
 
@@ -75,11 +78,13 @@ def test_shards_hold_tiktoken_tokens_with_eot_before_each_document(corpus):
     header = np.fromfile(corpus["out"] / "a_train_000000.bin", dtype=np.int32, count=256)  # named after a.txt
     assert header[:3].tolist() == [20240520, 1, 500] and not header[3:].any()
 
-    loader = DataLoader(str(corpus["out"]), "train", batch_size=2, seq_len=8, shuffle=False)
+    loader = DataLoader(str(corpus["out"]), "train", batch_size=2, seq_len=8)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (2, 8) and x.dtype == torch.long
-    assert x.flatten().tolist() == train[:16].tolist()
-    assert y.flatten().tolist() == train[1:17].tolist()
+    text = train.tolist()
+    for row, targets in zip(x.tolist(), y.tolist()):  # each row is 9 consecutive tokens of the split
+        starts = [i for i in range(len(text) - 8) if text[i : i + 8] == row]
+        assert starts and any(text[i + 1 : i + 9] == targets for i in starts)
 
 
 def test_val_fraction_holds_out_the_end_of_the_text(tmp_path):
@@ -178,19 +183,75 @@ def test_ranks_read_disjoint_windows_that_together_equal_one_big_batch(shards):
         assert len(set(windows)) == world
 
 
-def test_walks_every_shard_then_reshuffles_for_the_next_epoch(shards):
+def numbered_shards(folder: Path, split: str, lengths: list[int]) -> Path:
+    """llm.c-style shards (no manifest) whose tokens count up through the split: a token is its own position."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first = 0
+    for index, n in enumerate(lengths):
+        (folder / f"numbers_{split}_{index:06d}.bin").write_bytes(shard_bytes(np.arange(first, first + n)))
+        first += n
+    return folder
+
+
+def window_starts(loader: DataLoader, n_batches: int) -> list[list[int]]:
+    """Where each row of the next n_batches batches starts in the split (numbered shards), checking each row is one
+    window: T tokens and, as targets, the T after them."""
+    batches = []
+    for _ in range(n_batches):
+        x, y = loader.next_batch()
+        assert torch.equal(x, y - 1) and torch.equal(x - x[:, :1], torch.arange(loader.T).expand_as(x))
+        batches.append(x[:, 0].tolist())
+    return batches
+
+
+def test_every_window_of_a_one_shard_split_is_read_once_per_epoch(tmp_path):
+    n, T = 5000, 16
+    loader = DataLoader(str(numbered_shards(tmp_path, "train", [n])), "train", 4, T, seed=3)
+    stream = [start for batch in window_starts(loader, 320) for start in batch]  # 1,280 windows: four epochs
+    offsets, epoch_start = [], 0
+    for epoch in range(4):
+        offset = stream[epoch_start] % T  # the epoch's windows start at offset + T * k, for every k that fits
+        count = (n - 1 - offset) // T
+        epoch_windows = stream[epoch_start : epoch_start + count]
+        assert sorted(epoch_windows) == list(range(offset, offset + T * count, T)), f"epoch {epoch}"
+        offsets.append(offset)
+        epoch_start += count
+    assert len(set(offsets)) > 1, "the windows' edges should move between epochs"
+
+
+def test_the_order_is_the_seeds_and_changes_every_epoch(tmp_path):
+    data = str(numbered_shards(tmp_path, "train", [3000]))
+    order = window_starts(DataLoader(data, "train", 4, 16, seed=1), 50)
+    assert window_starts(DataLoader(data, "train", 4, 16, seed=1), 50) == order, "the seed decides the order"
+    assert window_starts(DataLoader(data, "train", 4, 16, seed=2), 50) != order
+    loader, epochs = DataLoader(data, "train", 1, 16, seed=1), ([], [], [])
+    while not epochs[2]:  # each window by its place in the shard: start = offset + 16 k, the offset below 16
+        _, start = loader.next_window()
+        epochs[loader.epoch].append(start // 16)
+    assert all(sorted(epoch) == list(range(len(epoch))) for epoch in epochs[:2])
+    assert epochs[0][:150] != epochs[1][:150]
+
+
+def test_consecutive_batches_are_not_neighbours(tmp_path):
+    loader = DataLoader(str(numbered_shards(tmp_path, "train", [40_000])), "train", 8, 32, seed=0)
+    batches = np.array(window_starts(loader, 300))  # (300, 8): where each row starts
+    means = batches.mean(axis=1)
+    lag_1 = np.corrcoef(means[:-1], means[1:])[0, 1]  # read front to back, this is about 1
+    assert abs(lag_1) < 0.15, lag_1
+    rows_apart = np.diff(np.sort(batches, axis=1), axis=1)  # read front to back, every row is 32 after the last
+    assert (rows_apart == 32).mean() < 0.02
+
+
+def test_shards_are_walked_in_a_new_order_every_epoch(shards):
     loader = DataLoader(str(shards), "train", 4, 32, seed=1)
-    n_shards = len(loader.paths)
-    assert n_shards >= 5
-    orders = [loader.shard_order(epoch) for epoch in range(4)]
-    assert all(sorted(order) == list(range(n_shards)) for order in orders)
-    assert len({tuple(order) for order in orders}) > 1, "shard order should change between epochs"
-    assert DataLoader(str(shards), "train", 4, 32, seed=1).shard_order(2) == orders[2]  # the seed decides
-    seen_epochs = set()
-    for _ in range(200):
+    assert len(loader.paths) >= 5
+    visits = [[] for _ in range(4)]  # the shards each epoch opens, in order
+    while loader.epoch < 4:
+        if not visits[loader.epoch] or visits[loader.epoch][-1] != loader.tokens.filename:
+            visits[loader.epoch].append(loader.tokens.filename)
         loader.next_batch()
-        seen_epochs.add(loader.epoch)
-    assert seen_epochs >= {0, 1}
+    assert all(sorted(epoch) == sorted(loader.paths) for epoch in visits), "every shard once an epoch"
+    assert len({tuple(epoch) for epoch in visits}) > 1, "shard order should change between epochs"
 
 
 def test_state_restores_the_very_next_batch(shards):
@@ -198,19 +259,60 @@ def test_state_restores_the_very_next_batch(shards):
     for _ in range(37):
         loader.next_batch()
     state = json.loads(json.dumps(loader.state_dict()))  # survives a checkpoint's round trip
-    expected = [loader.next_batch() for _ in range(30)]
+    assert len(state) == 3
+    expected = [loader.next_batch() for _ in range(30)]  # across shards and an epoch boundary
     resumed = DataLoader(str(shards), "train", 3, 24, seed=2)
     resumed.load_state_dict(state)
     for x, y in expected:
         rx, ry = resumed.next_batch()
         assert torch.equal(rx, x) and torch.equal(ry, y)
+    # a checkpoint from the loader that read in order counted tokens: it continues in the same shard and epoch
+    resumed.load_state_dict({"epoch": 1, "shard": 2, "position": 24 * 6})
+    assert resumed.state_dict() == {"epoch": 1, "shard": 2, "window": 6}
+    resumed.next_batch()
 
 
-def test_validation_starts_at_the_same_place_after_reset(shards):
-    loader = DataLoader(str(shards), "val", 2, 16, shuffle=False)
-    first = [loader.next_batch()[0] for _ in range(3)]
-    loader.reset()
-    assert all(torch.equal(loader.next_batch()[0], x) for x in first)
+def test_validation_windows_cover_the_split_evenly(tmp_path):
+    T, lengths = 16, [1000, 37, 2001]  # windows: 62, 2 and 125 of them
+    loader = DataLoader(str(numbered_shards(tmp_path, "val", lengths)), "val", 4, T)
+    assert loader.windows_per_shard == [62, 2, 125]
+    shard_firsts = [0, 1000, 1037]  # each shard's windows start at its first token
+
+    def picked(n_windows: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        ranked = DataLoader(str(tmp_path), "val", 4, T, rank, world_size)
+        starts = []
+        for x, y in ranked.spread_batches(n_windows):
+            counted = (y != IGNORE).all(dim=1)
+            assert ((y == IGNORE).all(dim=1) | counted).all(), "a row is scored whole or not at all"
+            assert torch.equal(x[counted], y[counted] - 1)
+            starts += x[counted, 0].tolist()
+        return starts
+
+    shards = zip(shard_firsts, loader.windows_per_shard)
+    every = sorted(start for first, n in shards for start in range(first, first + n * T, T))
+    assert picked(189) == every and picked(1000) == every, "all windows, each once"
+    some = picked(10)
+    first, again = (torch.cat([x for x, _ in loader.spread_batches(10)]) for _ in range(2))
+    assert torch.equal(first, again), "the same windows at every evaluation"
+    index = [every.index(start) for start in some]  # which of the 189 windows
+    assert index == sorted(index) and len(set(np.diff(index))) <= 2 and max(np.diff(index)) - min(np.diff(index)) <= 1
+    assert index[0] < 189 / 10 and index[-1] >= 189 - 189 / 10, "spread from one end of the split to the other"
+    assert sorted(s for r in range(3) for s in picked(10, r, 3)) == sorted(some), "DDP ranks share the same windows"
+
+
+def test_validation_over_every_window_is_the_exact_loss_of_the_split(tmp_path):
+    T = 8
+    loader = DataLoader(str(numbered_shards(tmp_path, "val", [203, 45])), "val", 4, T)  # 25 + 5 windows
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=256, block_size=T))
+    starts = [0 + T * k for k in range(25)] + [203 + T * k for k in range(5)]
+    windows = torch.tensor([list(range(s, s + T + 1)) for s in starts])  # (30, T + 1)
+    with torch.no_grad():
+        logits, _ = model(windows[:, :-1])
+        exact = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    for steps in (8, 100):  # 30 windows in 8 batches of 4 (the last half padding), or more batches than needed
+        assert estimate_loss(model, loader, steps, contextlib.nullcontext, "cpu") == pytest.approx(exact, rel=1e-6)
+    assert model.training, "estimate_loss hands the model back in training mode"
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
@@ -279,7 +381,8 @@ def test_loader_refuses_bad_data(tmp_path, shards):
         DataLoader(str(tmp_path / "empty"), "train", 2, 8)
     with pytest.raises(InputError, match="holds no test shards"):
         DataLoader(str(shards), "test", 2, 8)
-    with pytest.raises(InputError, match=r"one batch needs 1,000,001 \(batch 1000 x seq-len 1000 x 1 processes"):
+    with pytest.raises(InputError, match=r"windows of seq-len 1000 \+ 1, but one batch needs 1,000 windows \(batch "
+                                         r"1000 x 1 processes\): use a smaller batch"):  # fmt: skip
         DataLoader(str(shards), "val", 1000, 1000)
 
     copy = tmp_path / "copy"

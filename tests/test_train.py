@@ -374,7 +374,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--hellaswag-interval", "5", "--hellaswag-data", "NOWHERE"], "HellaSwag file"),
         (["--hellaswag-interval", "-1"], "--hellaswag-interval must not be negative"),
         (["--data-dir", "NO_VAL"], "holds no val shards"),
-        (["--batch-size", "16", "--seq-len", "64", "--total-batch-size", "1024"], "but one batch needs 1,025"),
+        (["--batch-size", "16", "--seq-len", "64", "--total-batch-size", "1024"], "but one batch needs 16 windows"),
     ],
 )
 def test_bad_settings_get_one_line(tmp_path, small_data, extra, message):
