@@ -175,12 +175,14 @@ def test_ranks_read_disjoint_windows_that_together_equal_one_big_batch(shards):
     world = 3
     ranks = [DataLoader(str(shards), "train", 2, 16, rank=r, world_size=world, seed=5) for r in range(world)]
     single = DataLoader(str(shards), "train", 2 * world, 16, seed=5)
-    for _ in range(40):  # several shards and an epoch boundary
+    for _ in range(200):  # every shard, and into the second epoch
         xs, ys = zip(*(loader.next_batch() for loader in ranks))
         x, y = single.next_batch()
         assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
         windows = [tuple(t.flatten().tolist()) for t in xs]
         assert len(set(windows)) == world
+        assert all(loader.state_dict() == single.state_dict() for loader in ranks)
+    assert single.epoch == 1
 
 
 def numbered_shards(folder: Path, split: str, lengths: list[int]) -> Path:
@@ -256,20 +258,23 @@ def test_shards_are_walked_in_a_new_order_every_epoch(shards):
 
 def test_state_restores_the_very_next_batch(shards):
     loader = DataLoader(str(shards), "train", 3, 24, seed=2)
-    for _ in range(37):
+    for _ in range(230):
         loader.next_batch()
     state = json.loads(json.dumps(loader.state_dict()))  # survives a checkpoint's round trip
-    assert len(state) == 3
-    expected = [loader.next_batch() for _ in range(30)]  # across shards and an epoch boundary
+    assert len(state) == 3 and state["epoch"] == 0
+    expected = [loader.next_batch() for _ in range(30)]
+    assert loader.epoch == 1, "the batches after the resume cross into the next epoch"
     resumed = DataLoader(str(shards), "train", 3, 24, seed=2)
     resumed.load_state_dict(state)
     for x, y in expected:
         rx, ry = resumed.next_batch()
         assert torch.equal(rx, x) and torch.equal(ry, y)
-    # a checkpoint from the loader that read in order counted tokens: it continues in the same shard and epoch
+    # a checkpoint from the loader that read in order counted the tokens it had read of its shard: it goes on after
+    # as many windows of the same shard and epoch
     resumed.load_state_dict({"epoch": 1, "shard": 2, "position": 24 * 6})
-    assert resumed.state_dict() == {"epoch": 1, "shard": 2, "window": 6}
-    resumed.next_batch()
+    legacy = resumed.next_batch()
+    resumed.load_state_dict({"epoch": 1, "shard": 2, "window": 6})
+    assert all(torch.equal(a, b) for a, b in zip(legacy, resumed.next_batch()))
 
 
 def test_validation_windows_cover_the_split_evenly(tmp_path):
@@ -381,8 +386,8 @@ def test_loader_refuses_bad_data(tmp_path, shards):
         DataLoader(str(tmp_path / "empty"), "train", 2, 8)
     with pytest.raises(InputError, match="holds no test shards"):
         DataLoader(str(shards), "test", 2, 8)
-    with pytest.raises(InputError, match=r"windows of seq-len 1000 \+ 1, but one batch needs 1,000 windows \(batch "
-                                         r"1000 x 1 processes\): use a smaller batch"):  # fmt: skip
+    with pytest.raises(InputError, match=r"windows of seq-len 1000 \+ 1 at any offset, but one batch needs 1,000 "
+                                         r"windows \(batch 1000 x 1 processes\): use a smaller batch"):  # fmt: skip
         DataLoader(str(shards), "val", 1000, 1000)
 
     copy = tmp_path / "copy"

@@ -261,8 +261,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_dat
 
 def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_path, small_data):
     hellaswag_fixture(tmp_path / "hellaswag.jsonl", n=7)  # 4 examples on one process, 3 on the other
+    # 3 validation batches of 4 windows: under DDP, 8 windows a batch, and rank 1's half of the second is padding
     settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "6", "--eval-interval", "3",
-                "--sample-interval", "0", "--ckpt-interval", "0", "--hellaswag-interval", "3",
+                "--eval-steps", "3", "--sample-interval", "0", "--ckpt-interval", "0", "--hellaswag-interval", "3",
                 "--hellaswag-data", str(tmp_path / "hellaswag.jsonl")]  # fmt: skip
     single = run_train(*settings, "--run-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
@@ -375,6 +376,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--hellaswag-interval", "-1"], "--hellaswag-interval must not be negative"),
         (["--data-dir", "NO_VAL"], "holds no val shards"),
         (["--batch-size", "16", "--seq-len", "64", "--total-batch-size", "1024"], "but one batch needs 16 windows"),
+        (["--seed", "-1"], "--seed must not be negative"),
     ],
 )
 def test_bad_settings_get_one_line(tmp_path, small_data, extra, message):
