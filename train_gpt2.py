@@ -609,7 +609,7 @@ class DataLoader:
     (so the windows' edges move between epochs). Each row of a batch is a window of its own, from anywhere in the
     shard. Read front to back instead, a batch is one article and the next batch its continuation: the model
     drifts toward what it read last, and at equal settings ended 0.29 nats worse than nanoGPT's random windows,
-    where now it ends level (README, Data). llm.c shuffles too (`intra_shard_indices` in its dataloader.h), but the
+    where now it ends within the seed-to-seed spread (README, Data). llm.c shuffles too (`intra_shard_indices` in its dataloader.h), but the
     order of whole batches, each still B x T contiguous tokens; a window per row mixes more, for B short reads of
     the memory map instead of one.
 
