@@ -609,9 +609,9 @@ class DataLoader:
     (so the windows' edges move between epochs). Each row of a batch is a window of its own, from anywhere in the
     shard. Read front to back instead, a batch is one article and the next batch its continuation: the model
     drifts toward what it read last, and at equal settings ended 0.29 nats worse than nanoGPT's random windows,
-    where now it ends within the seed-to-seed spread (README, Data). llm.c shuffles too (`intra_shard_indices` in its dataloader.h), but the
-    order of whole batches, each still B x T contiguous tokens; a window per row mixes more, for B short reads of
-    the memory map instead of one.
+    where now it ends 0.03 from them, about the seed-to-seed spread (README, Data). llm.c shuffles too
+    (`intra_shard_indices` in its dataloader.h), but the order of whole batches, each still B x T contiguous
+    tokens; a window per row mixes more, for B short reads of the memory map instead of one.
 
     An epoch is one stream of windows: a batch that starts near the end of a shard or an epoch takes its other rows
     from the next. Under DDP each batch of the stream is B x world_size windows, rank r reading rows r*B to
