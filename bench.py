@@ -33,11 +33,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-import text_data
 import train_gpt2
-from common import ArgumentParser, InputError, first_line, run_cli
-from evaluation import completion_losses, lambada_pairs, sliding_windows
-from train_gpt2 import EOT_TOKEN, GPT, DataLoader, GPTConfig, get_tokenizer, pick_device, shard_bytes
+from gpt2lite import cpu_decode, text_data
+from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
+from gpt2lite.devices import peak_flops, pick_device
+from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
+from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
+from gpt2lite.shards import shard_bytes
+from train_gpt2 import GPT, DataLoader, GPTConfig
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -120,11 +123,11 @@ def bench_generate(args: argparse.Namespace):
             model.generate(idx, new_tokens, temperature=1.0, top_k=50, seed=0, use_cache=use_cache)
 
         def ours_plain_linear():  # the same, with every matmul through nn.Linear: what the W @ x^T route buys
-            few_rows, train_gpt2.FEW_ROWS = train_gpt2.FEW_ROWS, 0
+            few_rows, cpu_decode.FEW_ROWS = cpu_decode.FEW_ROWS, 0
             try:
                 ours()
             finally:
-                train_gpt2.FEW_ROWS = few_rows
+                cpu_decode.FEW_ROWS = few_rows
 
         def theirs():
             with torch.inference_mode():
@@ -458,7 +461,7 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
 
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, torch.device(device).type)
+    optimizer = model.configure_optimizers(0.1, 6e-4)
     autocast = train_gpt2.autocast_for(device, precision)
     batches = RepeatedBatch(config.vocab_size, B, T, device)
     grad_accum_steps = total_batch_size // (B * T)
@@ -472,7 +475,7 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
             optimizer.zero_grad(set_to_none=True)  # what a failed step may have left behind
             with attention():
                 train_gpt2.accumulate_gradients(module, batches, grad_accum_steps, autocast, scaler, device)
-                train_gpt2.step_optimizer(module, optimizer, scaler, 6e-4, 1.0)
+                train_gpt2.clip_and_step(module, optimizer, scaler, 6e-4, 1.0)
 
         return step
 
@@ -495,7 +498,7 @@ def bench_gpu(args: argparse.Namespace):
     config = GPTConfig(vocab_size=50304)
     flops = train_gpt2.flops_per_token(config, 1024)
     settings = [(4, "fp16"), (16, "bf16")]  # the seed's T4 setting; a large card's
-    peaks = {precision: train_gpt2.peak_flops(device, precision) for _, precision in settings}
+    peaks = {precision: peak_flops(device, precision) for _, precision in settings}
     print(f"\n## gpu: GPT-2 124M training steps of 65,536 tokens ({machine_line(device)}, compute capability "
           f"{major}.{minor}: fused attention is PyTorch's {fused} kernel; MFU against the {peaks['fp16'][1]})\n")
     print("| micro batch | precision | mode | ms/step | tokens/s | MFU | peak memory | vs eager |")

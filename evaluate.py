@@ -27,27 +27,23 @@ import math
 import os
 import time
 
-from common import ArgumentParser, InputError, read_text, run_cli, write_atomically
-from evaluation import (
+from gpt2lite.cli import ArgumentParser, InputError, run_cli
+from gpt2lite.devices import pick_device
+from gpt2lite.evaluation import (
     HELLASWAG_CACHE,
     HELLASWAG_URL,
     completion_losses,
     data_file,
     hellaswag_examples,
+    hellaswag_scores,
     lambada_pairs,
     read_jsonl,
     sliding_windows,
 )
-from text_data import hub_documents
-from train_gpt2 import (
-    EOT_TOKEN,
-    autocast_for,
-    choose_precision,
-    get_tokenizer,
-    hellaswag_scores,
-    load_model,
-    pick_device,
-)
+from gpt2lite.files import read_text, write_atomically
+from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
+from gpt2lite.text_data import hub_documents
+from train_gpt2 import autocast_for, choose_precision, load_model
 
 TASKS = ("hellaswag", "lambada", "wikitext")
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"

@@ -8,7 +8,7 @@ that transformers' GPT2LMHeadModel.from_pretrained and pipeline("text-generation
 
 import os
 
-from common import ArgumentParser, InputError, run_cli
+from gpt2lite.cli import ArgumentParser, InputError, run_cli
 from train_gpt2 import load_model
 
 

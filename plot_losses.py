@@ -26,8 +26,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
-from checkpoints import LOG_NAME, numeric, read_log  # noqa: E402
-from common import ArgumentParser, InputError, run_cli, write_atomically  # noqa: E402
+from gpt2lite.checkpoints import LOG_NAME, numeric, read_log  # noqa: E402
+from gpt2lite.cli import ArgumentParser, InputError, run_cli  # noqa: E402
+from gpt2lite.files import write_atomically  # noqa: E402
 
 UNIFORM_LOSS = math.log(50257)  # 10.82: the loss of a model that gives every GPT-2 token the same probability
 

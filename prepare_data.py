@@ -32,8 +32,19 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import ArgumentParser, InputError, first_line, read_json, run_cli
-from text_data import (
+from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
+from gpt2lite.files import read_json
+from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
+from gpt2lite.shards import (
+    MANIFEST_NAME,
+    SHARD_HEADER_BYTES,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    SPLITS,
+    load_tokens,
+    read_manifest,
+)
+from gpt2lite.text_data import (
     Part,
     ShardWriter,
     cached_download,
@@ -45,17 +56,6 @@ from text_data import (
     split_off_validation,
     tokenize_part,
     write_json,
-)
-from train_gpt2 import (
-    EOT_TOKEN,
-    MANIFEST_NAME,
-    SHARD_HEADER_BYTES,
-    SHARD_MAGIC,
-    SHARD_VERSION,
-    SPLITS,
-    get_tokenizer,
-    load_tokens,
-    read_manifest,
 )
 
 WIKITEXT = {"wikitext-103-raw-v1": "wikitext-103", "wikitext-2-raw-v1": "wikitext-2"}  # config -> short name

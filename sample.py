@@ -15,8 +15,10 @@ import time
 
 import torch
 
-from common import ArgumentParser, run_cli
-from train_gpt2 import get_tokenizer, load_model, pick_device
+from gpt2lite.cli import ArgumentParser, run_cli
+from gpt2lite.devices import pick_device
+from gpt2lite.gpt2_files import get_tokenizer
+from train_gpt2 import load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

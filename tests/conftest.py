@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from train_gpt2 import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE
+from train_gpt2 import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

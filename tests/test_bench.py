@@ -33,9 +33,9 @@ def test_data_benchmark_compares_pipelines_that_make_the_same_shards(tmp_path, s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import text_data
     from bench import fineweb_prepare, fineweb_tokenize, fineweb_tokenize_row, ours_prepare, parquet_rows
-    from train_gpt2 import load_tokens
+    from gpt2lite import text_data
+    from gpt2lite.shards import load_tokens
 
     docs = ["first document\n", "second, with ünïcödé\n", "third " * 500]
     (tmp_path / "ours").mkdir()
@@ -70,7 +70,8 @@ def test_eval_benchmark_reference_scores_what_evaluate_scores():
     """The one-example-at-a-time transformers loop the eval benchmark races against computes our numbers."""
     from bench import hf_example_losses
     from conftest import random_hf_model, tiny_config
-    from train_gpt2 import GPT, completion_losses
+    from gpt2lite.evaluation import completion_losses
+    from train_gpt2 import GPT
 
     hf = random_hf_model(tiny_config(vocab_size=50257, block_size=256), init_std=0.2)
     ours = GPT(tiny_config(vocab_size=50257, block_size=256))

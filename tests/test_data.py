@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
-import text_data
 from conftest import REPO, shared_file, tiny_config
-from train_gpt2 import EOT_TOKEN, GPT, IGNORE, DataLoader, estimate_loss, get_tokenizer, load_tokens, shard_bytes
+from gpt2lite import text_data
+from gpt2lite.gpt2_files import EOT_TOKEN
+from gpt2lite.shards import load_tokens, shard_bytes
+from train_gpt2 import GPT, IGNORE, DataLoader, estimate_loss, get_tokenizer
 
 WORDS = "the of and to in a is was for on as with by he at from his an were are which this be or had".split()
 
@@ -377,7 +379,7 @@ def test_shards_from_other_settings_are_kept_unless_overwrite(tmp_path):
 
 
 def test_loader_refuses_bad_data(tmp_path, shards):
-    from train_gpt2 import InputError
+    from gpt2lite.cli import InputError
 
     with pytest.raises(InputError, match="does not exist: run prepare_data.py first"):
         DataLoader(str(tmp_path / "nowhere"), "train", 2, 8)

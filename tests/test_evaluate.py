@@ -15,9 +15,11 @@ import torch
 from test_data import make_text
 
 import evaluate
-import train_gpt2
 from conftest import REPO, random_hf_model, shared_file, tiny_config
-from train_gpt2 import EOT_TOKEN, GPT, completion_losses, get_tokenizer
+from gpt2lite import evaluation
+from gpt2lite.evaluation import completion_losses
+from gpt2lite.gpt2_files import EOT_TOKEN
+from train_gpt2 import GPT, get_tokenizer
 
 CONFIG = tiny_config(vocab_size=50257, block_size=64)
 
@@ -79,7 +81,7 @@ def test_greedy_is_true_exactly_when_argmax_produces_the_completion(models):
 def test_hellaswag_scores_equal_a_loop_with_transformers(models, tmp_path):
     ours, hf = models
     hellaswag_fixture(tmp_path / "hs.jsonl")
-    examples = train_gpt2.hellaswag_examples(str(tmp_path / "hs.jsonl"))
+    examples = evaluation.hellaswag_examples(str(tmp_path / "hs.jsonl"))
     enc = get_tokenizer()
     right = right_norm = 0
     for example in examples:
@@ -90,7 +92,7 @@ def test_hellaswag_scores_equal_a_loop_with_transformers(models, tmp_path):
             losses.append((reference(hf, context, completion)[0], len(completion)))
         right += min(range(4), key=lambda k: losses[k][0]) == example["label"]
         right_norm += min(range(4), key=lambda k: losses[k][0] / losses[k][1]) == example["label"]
-    scores = train_gpt2.hellaswag_scores(ours, examples, "cpu", batch_tokens=200)
+    scores = evaluation.hellaswag_scores(ours, examples, "cpu", batch_tokens=200)
     assert scores == {"acc": right / 7, "acc_norm": right_norm / 7, "examples": 7}
 
 

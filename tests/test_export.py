@@ -9,8 +9,8 @@ import sys
 import torch
 from transformers import GPT2LMHeadModel
 
-from checkpoints import save_checkpoint
 from conftest import REPO, tiny_config
+from gpt2lite.checkpoints import save_checkpoint
 from train_gpt2 import GPT
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import random_hf_model, tiny_config
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, InputError, sample_next_token
+from gpt2lite.cli import InputError
+from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE
+from train_gpt2 import GPT, sample_next_token
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,7 @@ def test_the_cpu_decode_route_is_swapped_in_for_each_model_call_of_generation_on
     W @ x^T route, so a paused generation leaves the model as it found it, and so do two at once."""
     import torch.nn as nn
 
-    from train_gpt2 import Linear
+    from gpt2lite.cpu_decode import Linear
 
     _, model = hf_and_ours
     kinds = lambda: {type(m) for m in model.modules() if isinstance(m, nn.Linear)}  # noqa: E731

@@ -21,6 +21,7 @@ from test_train import TINY_RUN, interrupt_when, logged_losses, run_train
 import prepare_data
 import train_gpt2
 from conftest import REPO, random_hf_model, tiny_config
+from gpt2lite import checkpoints
 from train_gpt2 import GPT
 
 pytestmark = [
@@ -114,10 +115,10 @@ def test_the_plan_finds_the_largest_micro_batch_that_fits_a_t4(text_data, tmp_pa
 
 
 def test_rng_states_mapped_to_the_gpu_restore_both_generators(tmp_path):
-    states = train_gpt2.rng_states("cuda")
+    states = checkpoints.rng_states("cuda")
     expected = torch.rand(3), torch.rand(3, device="cuda")
     torch.save(states, tmp_path / "states.pt")
-    train_gpt2.set_rng_states(torch.load(tmp_path / "states.pt", map_location="cuda", weights_only=True), "cuda")
+    checkpoints.set_rng_states(torch.load(tmp_path / "states.pt", map_location="cuda", weights_only=True), "cuda")
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device="cuda"), expected[1])
 
 

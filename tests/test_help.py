@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-import common
 from conftest import REPO
+from gpt2lite import cli
 
 SCRIPTS = ["train_gpt2", "prepare_data", "sample", "evaluate", "plot_losses", "bench", "export"]
 
@@ -22,11 +22,11 @@ class Built(Exception):
     """Raised instead of parsing: the parser the script built, caught before it reads any argument."""
 
 
-def script_parser(monkeypatch, script: str) -> common.ArgumentParser:
+def script_parser(monkeypatch, script: str) -> cli.ArgumentParser:
     def stop(parser, args=None, namespace=None):
         raise Built(parser)
 
-    monkeypatch.setattr(common.ArgumentParser, "parse_args", stop)
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", stop)
     module = importlib.import_module(script)
     with pytest.raises(Built) as built:
         (getattr(module, "parse_args", None) or module.main)([])

@@ -13,7 +13,10 @@ import torch
 from transformers import GPT2LMHeadModel, pipeline
 
 from conftest import random_hf_model, tiny_config
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, GPTConfig, InputError, get_tokenizer, load_model, save_checkpoint
+from gpt2lite.checkpoints import save_checkpoint
+from gpt2lite.cli import InputError
+from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE
+from train_gpt2 import GPT, GPTConfig, get_tokenizer, load_model
 
 
 def assert_same_logits_and_loss(hf_model: GPT2LMHeadModel, model: GPT, tokens: torch.Tensor):

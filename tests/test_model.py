@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from train_gpt2 import GPT, GPTConfig, InputError, Linear
+from gpt2lite.cli import InputError
+from gpt2lite.cpu_decode import Linear
+from train_gpt2 import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")

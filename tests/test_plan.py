@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from test_train import TINY_RUN, logged_events, run_train, small_shards
 
-import planning
 import train_gpt2
 from conftest import REPO
+from gpt2lite import planning
 
 SETTINGS = [*TINY_RUN, "--max-steps", "8", "--eval-interval", "4", "--ckpt-interval", "4", "--sample-interval", "0"]
 

@@ -9,7 +9,7 @@ import math
 import pytest
 
 import plot_losses
-from train_gpt2 import LOG_NAME
+from gpt2lite.checkpoints import LOG_NAME
 
 SUFFIXES = ("loss", "lr", "norm", "speed")
 

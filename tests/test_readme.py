@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from common import InputError
+import gpt2lite.run
 from conftest import REPO, shared_file
+from gpt2lite.cli import InputError
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 SCRIPTS = ["train_gpt2.py", "prepare_data.py", "sample.py", "evaluate.py", "plot_losses.py", "bench.py", "export.py"]
@@ -91,10 +92,10 @@ def parse_error(script: str, argv: list[str]) -> str | None:
     if script == "train_gpt2.py":
         args = args[0]
         try:
-            module.check_schedule(args)
+            gpt2lite.run.check_schedule(args)
         except InputError as e:
             return str(e)
-        return "\n".join(module.out_of_range(args).values()) or None
+        return "\n".join(gpt2lite.run.out_of_range(args).values()) or None
     return None
 
 

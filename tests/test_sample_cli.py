@@ -14,7 +14,8 @@ import torch
 
 import sample
 from conftest import REPO, tiny_config
-from train_gpt2 import GPT, get_tokenizer, load_model, save_checkpoint
+from gpt2lite.checkpoints import save_checkpoint
+from train_gpt2 import GPT, get_tokenizer, load_model
 
 
 def run_sample(*args: str, **env: str) -> subprocess.CompletedProcess:

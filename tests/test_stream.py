@@ -26,9 +26,9 @@ from test_data import (
 )
 
 import prepare_data
-import text_data
 from conftest import REPO, shared_file
-from train_gpt2 import EOT_TOKEN
+from gpt2lite import text_data
+from gpt2lite.gpt2_files import EOT_TOKEN
 
 DOCS = [f"Document {i}: ünïcödé 😀 {make_text(40 + 37 * (i % 11), seed=i)}" for i in range(60)]
 

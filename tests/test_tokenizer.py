@@ -11,9 +11,11 @@ import tiktoken
 import tiktoken.registry
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-import train_gpt2
 from conftest import shared_file
-from train_gpt2 import GPT2_VOCAB_SIZE, InputError, get_tokenizer, gpt2_bpe_files
+from gpt2lite import gpt2_files
+from gpt2lite.cli import InputError
+from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, gpt2_bpe_files
+from train_gpt2 import get_tokenizer
 
 VARIED_TEXTS = [
     "Hello, I'm a language model,",
@@ -87,7 +89,7 @@ def test_same_ids_as_the_tokenizers_library_on_real_text():
 
 
 def test_tampered_bpe_file_is_refused(monkeypatch, offline):
-    monkeypatch.setitem(train_gpt2.GPT2_BPE_SHA256, "vocab.bpe", "0" * 64)
+    monkeypatch.setitem(gpt2_files.GPT2_BPE_SHA256, "vocab.bpe", "0" * 64)
     with pytest.raises(InputError, match=r"vocab.bpe is not OpenAI's file"):
         get_tokenizer()
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -23,19 +24,13 @@ from test_data import make_text, write_files
 from test_evaluate import hellaswag_fixture
 
 import evaluate
+import gpt2lite.run
 import prepare_data
 import train_gpt2
 from conftest import REPO, shared_file, tiny_config
-from train_gpt2 import (
-    GPT,
-    GPTConfig,
-    InputError,
-    accumulate_gradients,
-    autocast_for,
-    choose_precision,
-    get_lr,
-    step_optimizer,
-)
+from gpt2lite import checkpoints, devices
+from gpt2lite.cli import InputError
+from train_gpt2 import GPT, GPTConfig, accumulate_gradients, autocast_for, choose_precision, clip_and_step, get_lr
 
 
 class FixedBatches:
@@ -73,7 +68,7 @@ def test_lr_ends_of_the_schedule():
 def test_weight_decay_applies_to_matrices_and_embeddings_only():
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=50304))
-    decayed, not_decayed = (g["params"] for g in model.configure_optimizers(0.1, 6e-4, "cpu").param_groups)
+    decayed, not_decayed = (g["params"] for g in model.configure_optimizers(0.1, 6e-4).param_groups)
     names = {id(p): n for n, p in model.named_parameters()}
     assert len(decayed) == 50 and len(not_decayed) == 98  # wte, wpe, 4 matrices x 12 blocks; biases and LayerNorms
     assert {names[id(p)] for p in decayed} >= {"transformer.wte.weight", "transformer.wpe.weight",
@@ -109,10 +104,10 @@ def test_fp16_with_grad_scaler_reports_the_true_norm():
     norms = {}
     for precision in ("fp32", "fp16"):
         copy_ = copy.deepcopy(model)
-        optimizer = copy_.configure_optimizers(0.1, 1e-3, "cpu")
+        optimizer = copy_.configure_optimizers(0.1, 1e-3)
         scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
         accumulate_gradients(copy_, FixedBatches([batch]), 1, autocast_for("cpu", precision), scaler, "cpu")
-        norms[precision], skipped = step_optimizer(copy_, optimizer, scaler, 1e-3, grad_clip=1.0)
+        norms[precision], skipped = clip_and_step(copy_, optimizer, scaler, 1e-3, grad_clip=1.0)
         assert not skipped
     assert scaler.get_scale() > 1000, "the gradients really were scaled"
     assert norms["fp16"].item() == pytest.approx(norms["fp32"].item(), rel=0.03)
@@ -122,12 +117,12 @@ def test_grad_scaler_overflow_is_reported_as_a_skipped_step():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     before = copy.deepcopy(model.state_dict())
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    optimizer = model.configure_optimizers(0.1, 1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # fp16 gradients overflow at this scale
     tokens = torch.randint(0, 64, (2, 17))
     accumulate_gradients(model, FixedBatches([(tokens[:, :-1], tokens[:, 1:])]), 1, autocast_for("cpu", "fp16"),
                          scaler, "cpu")  # fmt: skip
-    _, skipped = step_optimizer(model, optimizer, scaler, 1e-3, grad_clip=1.0)
+    _, skipped = clip_and_step(model, optimizer, scaler, 1e-3, grad_clip=1.0)
     assert skipped and scaler.get_scale() < 2.0**120
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "a skipped step changes nothing"
 
@@ -135,13 +130,13 @@ def test_grad_scaler_overflow_is_reported_as_a_skipped_step():
 def test_bf16_autocast_trains():
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    optimizer = model.configure_optimizers(0.0, 3e-3, "cpu")
+    optimizer = model.configure_optimizers(0.0, 3e-3)
     tokens = torch.randint(0, 64, (4, 17))
     losses = []
     for _ in range(40):
         loss = accumulate_gradients(model, FixedBatches([(tokens[:, :-1], tokens[:, 1:])]), 1,
                                     autocast_for("cpu", "bf16"), no_scaler(), "cpu")  # fmt: skip
-        step_optimizer(model, optimizer, no_scaler(), 3e-3, 1.0)
+        clip_and_step(model, optimizer, no_scaler(), 3e-3, 1.0)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
 
@@ -489,7 +484,7 @@ def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]):
 def test_precision_and_mfu_peak_follow_the_card(monkeypatch, name, capability, precision, tflops):
     fake_gpu(monkeypatch, name, capability)
     assert choose_precision("cuda", "auto")[0] == precision
-    assert train_gpt2.peak_flops("cuda", precision) == (tflops * 1e12, f"{name} data-sheet peak")
+    assert devices.peak_flops("cuda", precision) == (tflops * 1e12, f"{name} data-sheet peak")
 
 
 @pytest.mark.parametrize(
@@ -502,14 +497,14 @@ def test_precision_and_mfu_peak_follow_the_card(monkeypatch, name, capability, p
      ("NVIDIA H100", None), ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", None)],
 )  # fmt: skip
 def test_the_peak_table_matches_exact_card_names(name, tflops):
-    assert train_gpt2.datasheet_peak_flops(name, "bf16") == (None if tflops is None else tflops * 1e12)
+    assert devices.datasheet_peak_flops(name, "bf16") == (None if tflops is None else tflops * 1e12)
 
 
 def test_an_unlisted_card_gets_a_measured_peak(monkeypatch):
     fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4080 SUPER", (8, 9))
     measured = {torch.bfloat16: 123e12}
-    monkeypatch.setattr(train_gpt2, "measure_matmul_flops", lambda device, dtype: measured[dtype])
-    assert train_gpt2.peak_flops("cuda", "bf16") == (123e12, "measured bf16 matmul peak")
+    monkeypatch.setattr(devices, "measure_matmul_flops", lambda device, dtype: measured[dtype])
+    assert devices.peak_flops("cuda", "bf16") == (123e12, "measured bf16 matmul peak")
 
 
 def test_bf16_is_refused_below_compute_capability_8(monkeypatch):
@@ -644,12 +639,12 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_keeps_it(tmp_path, small_d
 
 
 def test_the_line_after_ctrl_c_says_where_a_resume_would_start(tmp_path):
-    assert train_gpt2.resume_hint(str(tmp_path)) == (
+    assert checkpoints.resume_hint(str(tmp_path)) == (
         f"{tmp_path} holds no checkpoint yet, so --resume starts the run again from step 0"
     )
     (tmp_path / "ckpt_000250.pt").write_bytes(b"")
     (tmp_path / "ckpt_000500.pt").write_bytes(b"")
-    assert train_gpt2.resume_hint(str(tmp_path)) == (
+    assert checkpoints.resume_hint(str(tmp_path)) == (
         f"--resume continues the run from step 500 ({tmp_path / 'ckpt_000500.pt'})"
     )
 
@@ -661,9 +656,9 @@ def test_rotation_empties_a_checkpoint_before_deleting_it_unless_it_has_another_
     linked.write_bytes(b"y" * 1000)
     os.link(linked, tmp_path / "kept-by-the-user.pt")
     with open(alone, "rb") as still_open:  # what the trash would keep: the file's data after the delete
-        train_gpt2.remove_checkpoint(str(alone))
+        checkpoints.remove_checkpoint(str(alone))
         assert os.fstat(still_open.fileno()).st_size == 0
-    train_gpt2.remove_checkpoint(str(linked))
+    checkpoints.remove_checkpoint(str(linked))
     assert not alone.exists() and not linked.exists()
     assert (tmp_path / "kept-by-the-user.pt").read_bytes() == b"y" * 1000
 
@@ -675,7 +670,7 @@ def test_rotation_empties_a_checkpoint_before_deleting_it_unless_it_has_another_
 )  # fmt: skip
 def test_warmup_defaults_to_5_percent_of_the_steps_capped_at_2000(argv, warmup):
     args, _ = train_gpt2.parse_args(argv)
-    train_gpt2.check_schedule(args)
+    gpt2lite.run.check_schedule(args)
     assert args.warmup_steps == warmup
 
 
@@ -706,9 +701,10 @@ def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_pa
     torch._dynamo.reset()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        args, _ = train_gpt2.parse_args(["--batch-size", "2", "--seq-len", "16", "--dropout", "0.1"])
+        args, _ = train_gpt2.parse_args(["--batch-size", "2", "--seq-len", "16", "--dropout", "0.1", "--compile"])
         raw = GPT(tiny_config(vocab_size=50304, dropout=0.1))
-        model, compiled = train_gpt2.wrap_model(raw, args, "cpu", contextlib.nullcontext, True, print)
+        run = SimpleNamespace(raw_model=raw, device="cpu", args=args, autocast=contextlib.nullcontext, say=print)
+        model, compiled = train_gpt2.wrap_model(run)
         assert compiled and isinstance(model._orig_mod, DDP) and model._orig_mod.module is raw
         assert len(compiled_inside_ddp) >= 2 and all(compiled_inside_ddp), "train and eval graphs, inside DDP"
         assert all(p.grad is None for p in raw.parameters()), "the throwaway batch leaves no gradient behind"

@@ -1,19 +1,26 @@
 """
 What `python train_gpt2.py --plan` works out: from what the run is (its model, data, batch and schedule) and what a
-few of its real steps measured (train_gpt2.plan_run builds the run and times them), how many tokens it reads, how
-often it passes over its data, how long it takes, what disk its checkpoints need, and what to change before
-starting it; and two questions for the device: which attention kernel PyTorch will run, and the largest micro
-batch that fits. Nothing here writes a file.
+few of its real steps measured (the chapter builds the run as training does and hands `plan_run` its step), how
+many tokens it reads, how often it passes over its data, how long it takes, what disk its checkpoints need, and
+what to change before starting it; and two questions for the device: which attention kernel PyTorch will run, and
+the largest micro batch that fits. Nothing here writes a file.
 """
 
+import json
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from common import duration
+from gpt2lite.checkpoints import checkpoint_size, step_checkpoints
+from gpt2lite.cli import duration
+from gpt2lite.devices import PRECISIONS
 
 # Hoffmann et al. 2022 ("Chinchilla"): about 20 training tokens per parameter is compute-optimal
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20
@@ -231,3 +238,74 @@ def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len
             torch.cuda.empty_cache()
         largest, batch = batch, batch * 2
     return largest
+
+
+# --- measuring the run: the chapter's own step, timed ----------------------------------------------------------
+
+
+def time_steps(run, step_seconds: Callable[[], float]) -> tuple[float, int]:
+    """Seconds per optimizer step, the median of real steps after a warm-up (compiling, and until AdamW holds its
+    state: fp16 may skip the first steps), and the peak memory: what CUDA's allocator reserved, or on a CPU the
+    resident peak of this process times the processes sharing the machine. Three steps, or one where a step takes
+    long; every process takes as many (they all-reduce together)."""
+    cuda = torch.device(run.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    warmup = torch.tensor(step_seconds(), device=run.device)
+    for _ in range(4):  # an fp16 step skipped for overflow is skipped on every process alike
+        if run.optimizer.state:
+            break
+        step_seconds()
+    if run.world_size > 1:
+        dist.all_reduce(warmup, op=dist.ReduceOp.MAX)
+    steps = 3 if warmup.item() < 20 else 1
+    seconds = statistics.median(step_seconds() for _ in range(steps))
+    if cuda:
+        return seconds, torch.cuda.max_memory_reserved(run.device)
+    return seconds, resident_peak_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], object]):
+    """Time the run's steps (step_seconds takes one optimizer step, and returns its seconds) and one validation,
+    then print the plan, in words and as one line of JSON for the notebook and scripts to read."""
+    args, config = run.args, run.raw_model.config
+    seconds_per_step, peak_memory = time_steps(run, step_seconds)
+    t0 = time.perf_counter()
+    validate()
+    eval_seconds = time.perf_counter() - t0
+    if torch.device(run.device).type == "cuda":
+        device = torch.cuda.get_device_name(run.device)
+        memory = torch.cuda.get_device_properties(run.device).total_memory
+        sequences_per_step = args.batch_size * run.grad_accum_steps  # one process's share of a step
+        largest = largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, args.seq_len,
+                                      sequences_per_step)  # fmt: skip
+    else:
+        device, memory, largest = run.device, physical_memory_bytes(), None
+    facts = Facts(
+        parameters=sum(p.numel() for p in run.raw_model.parameters()),
+        **{name: getattr(args, name) for name in RUN_SETTINGS},
+        model=f"{config.n_layer} layers, width {config.n_embd}, context {config.block_size}",
+        train_tokens=run.train_loader.total_tokens,
+        val_tokens=run.val_loader.total_tokens,
+        world_size=run.world_size,
+        grad_accum_steps=run.grad_accum_steps,
+        start_step=run.step,
+        device=device,
+        precision=run.precision,
+        why=run.why,
+        compiled=run.compiled,
+        attention=attention_kernel(config, args.batch_size, args.seq_len, PRECISIONS[run.precision], run.device),
+        seconds_per_step=seconds_per_step,
+        eval_seconds=eval_seconds,
+        mfu=run.mfu(args.total_batch_size / seconds_per_step),
+        peak_memory_bytes=peak_memory,
+        device_memory_bytes=memory,
+        checkpoint_bytes_each=checkpoint_size(run.raw_model, **run.state(run.step)),  # counted, not written
+        largest_micro_batch=largest,
+        run_dir_holds_a_run=bool(step_checkpoints(args.run_dir)),
+        in_colab="COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules,
+    )
+    plan = make_plan(facts)
+    for line in plan_lines(facts, plan):
+        run.say(line)
+    run.say(json.dumps(plan))

@@ -1,11 +1,66 @@
 """
-What 100% MFU (model FLOPs utilisation) means on a device: the data-sheet peak of a known GPU, found by its exact
-name, or the best matmul rate measured on the spot for any other device. train_gpt2.py's peak_flops picks one.
+The device a script runs on, whether torch.compile works there, and what 100% MFU (model FLOPs utilisation) means
+there: the data-sheet peak of a known GPU, found by its exact name, or the best matmul rate measured on the spot.
 """
 
+import contextlib
+import os
 import time
 
 import torch
+import torch.nn as nn
+
+from gpt2lite.cli import InputError, first_line
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype's choices
+
+
+def pick_device(requested: str) -> str:
+    """'auto' -> the best device here; anything else is checked, so a missing GPU is one clear line."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        torch.empty(0, device=requested)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without CUDA
+        raise InputError(f"device {requested!r} is not usable here ({first_line(e)}); try --device cpu") from None
+    return requested
+
+
+def training_device(requested: str, local_rank: int, world_size: int) -> str:
+    """The device of this training process: under DDP, its own GPU (or a share of the CPU's cores)."""
+    if world_size == 1:
+        return pick_device(requested)
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    # CPU processes share the cores instead of every process using all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return "cpu"
+
+
+def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> str | None:
+    """Call the compiled model on a batch x, y (B, T) as training and evaluation will: None if both compile, else
+    the error."""
+    # no all-reduce: a process whose compile fails must not leave the others waiting for its gradients
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    try:
+        with no_sync():
+            with autocast():
+                _, loss = compiled(x, y)
+            loss.backward()
+        model.eval()
+        with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
+            compiled(x, y)
+    except Exception as e:  # torch._dynamo / inductor raise many kinds
+        return first_line(e)
+    finally:
+        model.train()
+        model.zero_grad(set_to_none=True)
+    return None
+
 
 # Dense (not "with sparsity") tensor-core peaks in TFLOPS, (bf16 or fp16, tf32 or fp32), keyed by the exact name
 # torch.cuda.get_device_name() reports, so that an L40S is not taken for an L4 nor an H100 PCIe for an H100 SXM.
@@ -81,3 +136,14 @@ def matmul_seconds(a: torch.Tensor, b: torch.Tensor, cuda: bool, calls: int = 5)
     end.record()
     end.synchronize()
     return begin.elapsed_time(end) / 1000 / calls  # elapsed_time is in milliseconds
+
+
+def peak_flops(device: str, precision: str) -> tuple[float, str]:
+    """FLOP/s that 100% MFU means here, and where the figure comes from: a GPU's data-sheet peak, found by its
+    exact name, else the best matmul rate in this precision measured now."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = datasheet_peak_flops(name, precision)
+        if peak is not None:
+            return peak, f"{name} data-sheet peak"
+    return measure_matmul_flops(device, PRECISIONS[precision]), f"measured {precision} matmul peak"

@@ -5,8 +5,7 @@ depend on the number of processes. prepare_data.py is its command line; evaluate
 
 Documents: WikiText (from the hub, or a local wiki.*.raw file) is split into its articles at the top-level
 headings (" = Title = "); any other file is one document. Each document starts with <|endoftext|>, so the model
-sees where one ends and the next begins. The shard format is train_gpt2.py's (llm.c's): this module imports the
-chapter, so the chapter never imports it.
+sees where one ends and the next begins. The shard format is llm.c's (shards.py).
 """
 
 import collections
@@ -23,8 +22,10 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from common import InputError, first_line, read_text, write_atomically
-from train_gpt2 import EOT_TOKEN, SHARD_DTYPE, get_tokenizer, shard_bytes, shard_name
+from gpt2lite.cli import InputError, first_line
+from gpt2lite.files import read_text, write_atomically
+from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
+from gpt2lite.shards import SHARD_DTYPE, shard_bytes, shard_name
 
 WIKITEXT_FILE = re.compile(r"wiki\.\w+\.raw")  # wiki.train.raw, wiki.valid.raw, wiki.test.raw
 ARTICLE_HEADING = re.compile(r" = [^=].* = ")  # " = Title = "; sections are " = = Section = = "

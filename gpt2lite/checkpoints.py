@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import InputError, duration, first_line, write_atomically
+from gpt2lite.cli import InputError, duration, first_line
+from gpt2lite.files import write_atomically
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
 

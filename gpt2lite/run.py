@@ -1,0 +1,321 @@
+"""
+A training run's machinery around the chapter's loop: every input checked before anything is written, the `Run`
+the loop works with, resuming it, and the lines that say what it chose.
+
+train_gpt2.py hands in what only it defines: its DataLoader class and its build_model function (this package
+never imports the chapter, which runs as __main__: importing it back would make a second GPT class).
+"""
+
+import argparse
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gpt2lite.checkpoints import (
+    checkpoint_path,
+    open_run,
+    rng_states,
+    rotate_checkpoints,
+    save_checkpoint,
+    set_rng_states,
+    truncate_log,
+)
+from gpt2lite.cli import InputError, Problems
+from gpt2lite.devices import training_device
+from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples
+from gpt2lite.gpt2_files import HF_MODEL_NAMES
+
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
+
+
+class Processes(NamedTuple):
+    """Where this process stands among the training processes: a plain `python train_gpt2.py` is rank 0 of 1."""
+
+    rank: int
+    local_rank: int  # its GPU on this machine
+    world_size: int
+
+
+@dataclass
+class Run:
+    """What the training loop works with. check_inputs fills in what the inputs give; the chapter adds the model as
+    trained (`model`: wrapped in DDP and torch.compile where they apply), its optimizer and precision tools."""
+
+    args: argparse.Namespace
+    procs: Processes
+    device: str
+    precision: str  # what choose_precision picked, and why
+    why: str
+    train_loader: object
+    val_loader: object
+    grad_accum_steps: int
+    raw_model: nn.Module  # the bare model: what checkpoints hold
+    hellaswag: list[dict] | None
+    checkpoint: dict | None  # the one being resumed, until `resume` has put it back
+    last_checkpoint: str | None  # the newest checkpoint of this run: at first, the one being resumed
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    autocast: Callable | None = None
+    compiled: bool = False  # whether torch.compile works here (wrap_model tried)
+    flops_per_token: int = 0  # the model's training FLOPs per token, at this sequence length
+    peak: float = 0.0  # FLOP/s of one device at 100% MFU
+    peak_source: str = ""
+    step: int = 0  # the step this run (re)starts at
+    best_val_loss: float = float("inf")
+    evals_without_improvement: int = 0
+
+    @property
+    def rank(self) -> int:
+        return self.procs.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.procs.world_size
+
+    @property
+    def master(self) -> bool:  # only rank 0 prints, logs, samples and writes checkpoints
+        return self.rank == 0
+
+    def say(self, *parts):
+        if self.master:
+            print(*parts, flush=True)
+
+    def mfu(self, tokens_per_s: float) -> float:  # model FLOPs done per second, against what the devices could do
+        return self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+
+    def state(self, step: int) -> dict:
+        """All the state a run needs to continue exactly, beside the model's; every process must call it (RNG
+        states are gathered)."""
+        rng = [rng_states(self.device)]
+        if self.world_size > 1:
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, rng_states(self.device))
+        return dict(
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            step=step,
+            args=vars(self.args),
+            train_loader=self.train_loader.state_dict(),
+            best_val_loss=self.best_val_loss,
+            evals_without_improvement=self.evals_without_improvement,
+            rng=rng,
+        )
+
+    def save(self, path: str, step: int):
+        state = self.state(step)
+        if self.master:
+            save_checkpoint(path, self.raw_model, **state)
+        if os.path.basename(path) != "best.pt":
+            self.last_checkpoint = path
+
+    def keep_checkpoint(self, step: int):
+        """The step's checkpoint; of the periodic ones, only the newest --keep-last stay."""
+        self.save(checkpoint_path(self.args.run_dir, step), step)
+        if self.master:
+            rotate_checkpoints(self.args.run_dir, self.args.keep_last)
+
+
+# --- the inputs, all checked before any problem is reported -----------------------------------------------------
+
+
+def out_of_range(args: argparse.Namespace) -> dict[str, str]:
+    """Each flag whose value is out of its range, with the line that says so."""
+    at_least_one = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "seq_len"]
+    at_least_one += ["total_batch_size", "max_steps", "eval_interval", "eval_steps", "keep_last"]
+    not_negative = ["warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay"]
+    not_negative += ["hellaswag_interval", "hellaswag_limit", "seed"]
+    found = {}
+    for name in at_least_one + not_negative:
+        value, least = getattr(args, name), 1 if name in at_least_one else 0
+        if value is not None and value < least:
+            rule = "be at least 1" if least else "not be negative"
+            found[name] = f"--{name.replace('_', '-')} must {rule}, got {value}"
+    if not 0 <= args.dropout < 1:
+        found["dropout"] = f"--dropout must be in [0, 1), got {args.dropout}"
+    return found
+
+
+def check_schedule(args: argparse.Namespace):
+    """Settings that must agree with each other; checked once a resumed run's own settings are back in place."""
+    problems = Problems()
+    if args.warmup_steps is None:  # resolved once: a resumed run keeps the warmup it started with
+        args.warmup_steps = min(2000, args.max_steps // 20)
+    elif args.warmup_steps >= args.max_steps:
+        problems.add(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
+    if not 0 < args.min_lr <= args.max_lr:
+        problems.add(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+    problems.raise_any()
+
+
+def accumulation_steps(args: argparse.Namespace, world_size: int) -> int:
+    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise InputError(
+            f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
+            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
+        )
+    return args.total_batch_size // tokens_per_micro_step
+
+
+def open_run_dir(
+    args: argparse.Namespace, given: set[str], problems: Problems, say: Callable
+) -> tuple[dict | None, str | None]:
+    """The checkpoint a resumed run continues from and its path, its settings put back into args (except those
+    given on the command line), or (None, None) for a run that starts at step 0."""
+    first_checkpoint_step = args.ckpt_interval or args.max_steps  # a log that got this far is a record, kept
+    try:
+        checkpoint, path = (None, None)
+        if args.resume or not args.plan:
+            checkpoint, path = open_run(args.run_dir, args.resume, first_checkpoint_step, say)
+    except InputError as e:
+        problems.add(str(e))
+        if args.resume:  # without the run's own settings, the other checks would check the wrong ones
+            problems.raise_any()
+        return None, None
+    for name, value in (checkpoint or {}).get("args", {}).items():
+        if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
+            setattr(args, name, value)
+    if checkpoint is not None and checkpoint["step"] > args.max_steps:
+        problems.add(f"{path} is at step {checkpoint['step']}, past --max-steps {args.max_steps}: "
+                     "give a larger --max-steps to continue the run")  # fmt: skip
+    return checkpoint, path
+
+
+def check_model(model: nn.Module, source: str | None, args: argparse.Namespace, given: set[str]):
+    """A model flag given beside weights that fix it must agree with them; the sequence must fit the context."""
+    if source is not None:
+        # a fine-tuned model takes this run's dropout: it may add some to a model trained without
+        changeable = {"dropout"} if source == args.init_from else set()
+        for name in sorted(given & set(MODEL_FLAGS) - changeable):
+            if getattr(model.config, name) != getattr(args, name):
+                raise InputError(
+                    f"--{name.replace('_', '-')} {getattr(args, name)} differs from {source}'s "
+                    f"{getattr(model.config, name)}: drop the flag, or start a new --run-dir"
+                )
+    if args.seq_len > model.config.block_size:
+        raise InputError(f"--seq-len {args.seq_len} is above the model's block size {model.config.block_size}")
+
+
+def load_hellaswag(args: argparse.Namespace) -> list[dict]:
+    path = data_file(args.hellaswag_data, HELLASWAG_URL, "HellaSwag", HELLASWAG_CACHE, "--hellaswag-data")
+    return hellaswag_examples(path)[: args.hellaswag_limit or None]
+
+
+def check_inputs(
+    args: argparse.Namespace, given: set[str], procs: Processes, choose_precision: Callable, loader: type,
+    build_model: Callable,
+) -> Run:  # fmt: skip
+    """Everything the run is built from, loaded and checked before anything is written: the flags, the device, the
+    run directory (resumed or new), the precision, the data, the model and HellaSwag's file. A user with three
+    mistakes hears of all three at once, a line each, instead of one per attempt. Downloads (OpenAI's weights,
+    HellaSwag) come last, and only when nothing else is wrong: a typo should not cost gigabytes first.
+
+    The chapter passes its choose_precision, its DataLoader class, and build_model(args, checkpoint) -> (model,
+    where its weights come from)."""
+    problems, bad_flags = Problems(), out_of_range(args)
+    problems.add(*bad_flags.values())
+    device = precision = why = train_loader = val_loader = grad_accum_steps = model = None
+    with problems:
+        device = training_device(args.device, procs.local_rank, procs.world_size)
+    say = functools.partial(print, flush=True) if procs.rank == 0 else (lambda *parts: None)
+    checkpoint, resumed_from = open_run_dir(args, given, problems, say)
+    with problems:
+        check_schedule(args)
+    if device:
+        with problems:
+            precision, why = choose_precision(device, args.dtype)
+    if "seed" not in bad_flags:  # it orders the windows
+        with problems:
+            train_loader = loader(
+                args.data_dir, "train", args.batch_size, args.seq_len, procs.rank, procs.world_size, args.seed
+            )
+    with problems:
+        val_loader = loader(args.data_dir, "val", args.batch_size, args.seq_len, procs.rank, procs.world_size)
+    if not bad_flags.keys() & {"batch_size", "seq_len", "total_batch_size"}:  # it divides by them
+        with problems:
+            grad_accum_steps = accumulation_steps(args, procs.world_size)
+    model_from_hub = checkpoint is None and args.init_from in HF_MODEL_NAMES and not os.path.isdir(args.init_from)
+    if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
+        torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
+        with problems:
+            model, source = build_model(args, checkpoint)
+            check_model(model, source, args, given)
+    hellaswag = None
+    # a plan downloads nothing, and checks a file it is given as the run does
+    if args.hellaswag_interval > 0 and (args.hellaswag_data or not args.plan) and (args.hellaswag_data or not problems):
+        with problems:
+            hellaswag = load_hellaswag(args)
+    problems.raise_any()
+    return Run(
+        args, procs, device, precision, why, train_loader, val_loader, grad_accum_steps, model, hellaswag,
+        checkpoint=checkpoint, last_checkpoint=resumed_from,
+    )  # fmt: skip
+
+
+def make_run_dir(run: Run):
+    """The run directory, made once every process has looked at it (a plan writes nothing)."""
+    if run.world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
+        dist.barrier(device_ids=[run.procs.local_rank] if dist.get_backend() == "nccl" else None)
+    if not run.args.plan:
+        os.makedirs(run.args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
+
+
+# --- resuming, and what the run says before its first step ------------------------------------------------------
+
+
+def resume(run: Run):
+    """Put the optimizer, GradScaler, data position, progress and random states back where the checkpoint left
+    them (the weights are in already: build_model took them); the log loses the events past that step."""
+    checkpoint = run.checkpoint
+    if checkpoint is not None:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])  # onto the parameters' device
+        if checkpoint["scaler"]:  # empty when it was saved disabled: a run moved from bf16 or fp32 to fp16
+            run.scaler.load_state_dict(checkpoint["scaler"])
+        run.train_loader.load_state_dict(checkpoint["train_loader"])
+        run.step = checkpoint["step"]
+        run.best_val_loss = checkpoint["best_val_loss"]
+        run.evals_without_improvement = checkpoint["evals_without_improvement"]
+        if len(checkpoint["rng"]) == run.world_size:
+            set_rng_states(checkpoint["rng"][run.rank], run.device)
+        run.checkpoint = None  # its memory back: the optimizer state has been copied out
+    if run.master and not run.args.plan:
+        truncate_log(run.args.run_dir, run.step)
+
+
+def describe_run(run: Run):
+    """What the run chose, printed before its first step."""
+    args, model, optimizer = run.args, run.raw_model, run.optimizer
+    decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
+    run.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
+    run.say(
+        f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
+        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
+    )
+    run.say(
+        f"device {run.device} x {run.world_size} process(es) | precision {run.precision} ({run.why}) | "
+        f"compile {run.compiled} | "
+        f"fused AdamW {bool(optimizer.defaults.get('fused'))}"
+    )
+    run.say(
+        f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {run.world_size} process(es) "
+        f"x {run.grad_accum_steps} accumulation steps | mfu against the {run.peak_source}, "
+        f"{run.peak / 1e12:.3g} TFLOP/s"
+    )
+    windows = sum(run.val_loader.windows_per_shard)
+    every = math.ceil(windows / args.batch_size)  # the --eval-steps that reads all of them
+    coverage = "all of them" if args.eval_steps >= every else f"--eval-steps {every} reads all of them"
+    run.say(
+        f"validation: {min(windows, args.eval_steps * args.batch_size):,} of the split's {windows:,} windows of "
+        f"{args.seq_len} tokens, evenly spread ({coverage})"
+    )
+    resumed_from = run.last_checkpoint
+    where = f"from {resumed_from}" if resumed_from else f"in {args.run_dir}"
+    doing = "planning a run" if args.plan else "resuming" if resumed_from else "starting"
+    run.say(f"{doing} at step {run.step} of {args.max_steps} {where}" + (" (nothing is written)" if args.plan else ""))
