@@ -8,7 +8,7 @@ train_gpt2.py checkpoint (anything sample.py takes), all with the same code, so 
   python evaluate.py --init-from gpt2 --task wikitext --data wiki.test.raw --stride 512
   python evaluate.py --init-from gpt2 --task hellaswag --limit 500  # a quick look at the first 500 examples
 
-The protocols (each a completion scored after its context; see completion_losses in evaluation.py):
+The protocols (each a completion scored after its context; see completion_losses in gpt2lite/evaluation.py):
   hellaswag  the validation set (10,042 examples): the context, then each of four endings after a space. acc picks
              the ending of lowest total loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2955).
   lambada    OpenAI's test jsonl (5,153 passages). The last word is the text after the last space; its tokens

@@ -35,7 +35,6 @@ import contextlib
 import functools
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, NamedTuple
@@ -46,7 +45,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.torch_version import TorchVersion
 
 from gpt2lite import planning
 from gpt2lite.checkpoints import load_checkpoint, log_event, resume_hint, run_summary
@@ -63,7 +61,7 @@ from gpt2lite.shards import find_shards, load_tokens
 #
 # Shapes in comments: B batch, T sequence length, C n_embd, nh n_head, hs head size = C // nh, V vocab_size.
 # Module names are Hugging Face's (transformer.h.0.attn.c_attn.weight, ...) so that loading OpenAI's weights is a
-# transpose and a copy, which a reader can check line by line. GPT2_VOCAB_SIZE is the tokenizer's: 50,257 = 256
+# transpose and a copy (copy_hf_weights, in gpt2lite/gpt2_files.py). GPT2_VOCAB_SIZE is the tokenizer's: 50,257 = 256
 # bytes, 50,000 BPE merges and <|endoftext|>.
 
 
@@ -169,6 +167,8 @@ class KVCache:
 
 
 class GPT(nn.Module):
+    """GPT-2. Its generate and stream methods are defined under Sampling, below, and attached to it there."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -212,15 +212,15 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, cache)  # (B, T, C)
         if cache is not None:
             x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, V); (B, 1, V) with a cache
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits.detach(), loss  # training differentiates the loss, never the logits
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The last LayerNorm's output, (B, T, C): what lm_head turns into logits. Evaluation calls it directly, to
-        run lm_head (most of a small model's work) only on the positions it scores."""
+        """The last LayerNorm's output, (B, T, C): what lm_head turns into logits. gpt2lite/evaluation.py calls it
+        directly, to run lm_head (most of a small model's work) only on the positions it scores."""
         B, T = idx.size()
         start = 0 if cache is None else cache.length
         if start > 0 and T > 1:  # the causal mask of scaled_dot_product_attention assumes a block from position 0
@@ -317,7 +317,7 @@ def sample_next_token(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B, 1)."""
-    logits = logits[:, :GPT2_VOCAB_SIZE].float()  # a padded vocabulary's extra rows are not tokens
+    logits = logits[:, :GPT2_VOCAB_SIZE].float()  # a padded vocabulary's extra columns are not tokens
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -375,7 +375,8 @@ def stream(
     cache = new_kv_cache(model, idx.size(0), idx.device) if use_cache else None
     cpu = idx.device.type == "cpu"
 
-    def logits_of(tokens: torch.Tensor) -> torch.Tensor:  # the CPU route only around the call: never across a yield
+    # on a CPU, gpt2lite/cpu_decode.py's faster matmuls for a few rows, swapped in for each call and out before a yield
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:
         with few_row_matmuls(model) if cpu else contextlib.nullcontext():
             return model(tokens, cache=cache)[0]
 
@@ -428,8 +429,7 @@ class DataLoader:
     reads every window once an epoch, shuffled: the shards in an order drawn from (seed, epoch), each shard's
     windows in an order drawn from (seed, epoch, shard), after an offset of 0 to T - 1 tokens drawn with it, so
     that the windows' edges move between epochs. Read front to back instead, a batch is one article and the next
-    batch its continuation: the model drifts toward what it read last, and at equal settings ended 0.29 nats
-    behind nanoGPT's random windows, where shuffled it ends 0.03 from them (README, Data). An epoch is one stream:
+    batch its continuation, and the model drifts toward what it read last (README, Data). An epoch is one stream:
     a batch near the end of a shard takes its other rows from the next. Under DDP each batch is B x world_size
     windows, rank r reading rows r*B to (r+1)*B - 1: together, what one process would read with a world_size times
     larger batch. `state_dict` is three numbers, so a resumed run reads the very next batch.
@@ -489,7 +489,7 @@ class DataLoader:
         return self.tokens, int(self.starts[self.window - 1])
 
     def rows_of(self, windows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([tokens[start : start + self.T + 1] for tokens, start in windows])  # (B, T + 1), B reads
+        rows = np.stack([tokens[start : start + self.T + 1] for tokens, start in windows])  # (B, T + 1)
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) inputs, (B, T) targets: the next tokens
 
@@ -546,8 +546,7 @@ def choose_precision(device: str, requested: str) -> tuple[str, str]:
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if requested == "bf16" and major < 8:
-            # Inductor's kernels for it do not even compile there (ptxas: bf16 requires sm_80), and attention falls
-            # back to its slowest, unfused kernel
+            # Inductor cannot even compile bf16 kernels below sm_80, and attention falls back to its unfused kernel
             name = torch.cuda.get_device_name(device)
             raise InputError(
                 f"--dtype bf16 needs compute capability 8.0, and this {name} has {major}.{minor} (bf16 would only "
@@ -621,13 +620,13 @@ def clip_and_step(
 def estimate_loss(model: nn.Module, loader: DataLoader, steps: int, autocast, device: str) -> float:
     """Mean loss per token over `steps` x B validation windows spread over the whole split, the same every time
     (`spread_batches`). Under DDP each process scores its rows of every batch, and the processes add up their
-    summed losses and target counts: the figure one process gets."""
+    summed losses and target counts: the loss one process would compute alone."""
     model.eval()
     loss_sum, n_targets = torch.zeros((), device=device), 0
     for x, y in loader.spread_batches(steps * loader.B):
         n = int((y != IGNORE).sum())
-        # a process whose rows all lie past the split's last window skips its forward: without gradients, and with
-        # no buffers in the model for DDP to broadcast, a forward pass holds no collective the others wait for
+        # a batch that is all padding for this process skips its forward: no other process waits on it, since a
+        # forward without gradients holds no collective (the model has no buffers for DDP to broadcast)
         if n:
             with autocast():
                 _, loss = model(x.to(device), y.to(device))  # the mean over the targets it counts
@@ -662,7 +661,7 @@ def setup_distributed() -> Processes:
         # which is wrong across nodes or with a remapped CUDA_VISIBLE_DEVICES). device_id also tells NCCL up front;
         # before torch 2.7.1 passing it could hang collectives at random (pytorch/pytorch#153960).
         torch.cuda.set_device(local_rank)
-        bind = {"device_id": torch.device("cuda", local_rank)} if TorchVersion(torch.__version__) >= "2.7.1" else {}
+        bind = {"device_id": torch.device("cuda", local_rank)} if torch.__version__ >= "2.7.1" else {}
         dist.init_process_group(backend="nccl", **bind)
     return Processes(dist.get_rank(), local_rank, dist.get_world_size())
 
@@ -682,7 +681,7 @@ def wrap_model(run: Run) -> tuple[nn.Module, bool]:
         model = DDP(run.raw_model, device_ids=[torch.device(device)] if cuda else None)
     if not (cuda if run.args.compile is None else run.args.compile):
         return model, False
-    compiled = torch.compile(model)
+    compiled = torch.compile(model)  # compiles at its first calls: one training and one evaluation call, now
     # inputs and targets as two tensors: one tensor passed as both would be guarded on, and recompiled for later
     x, y = torch.randint(0, run.raw_model.config.vocab_size, (2, run.args.batch_size, run.args.seq_len), device=device)
     error = compile_error(compiled, model, x, y, run.autocast)
@@ -745,16 +744,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on for CUDA)")
     add("--seed", type=int, default=1337, help="initial weights, data order and dropout")
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a.dest for a in parser._actions for o in a.option_strings for arg in argv if arg.split("=")[0] == o}
-    return args, given
+    # the flags given, however spelled (--max-st 100, --max-steps=100): parsed again, with no defaults to fill in
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(parser.parse_args(argv)))
 
 
 def build_model(args: argparse.Namespace, checkpoint: dict | None) -> tuple[GPT, str | None]:
     """The model to train, and where its weights come from: the checkpoint being resumed, --init-from, or (None)
     nowhere, a fresh model from the flags."""
+    torch.manual_seed(args.seed)  # the same initial weights on every process, and on every run with this seed
     if checkpoint is not None:
-        return model_from_checkpoint(checkpoint, "the checkpoint being resumed"), "the checkpoint being resumed"
+        source = "the checkpoint being resumed"
+        return model_from_checkpoint(checkpoint, source), source
     if args.init_from:
         # the same weights with this run's dropout: fine-tuning may add it to a model trained without
         loaded = load_model(args.init_from)
@@ -765,7 +767,8 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None) -> tuple[GPT,
 
 
 def prepare_model(run: Run):
-    """The model on its device with its precision, optimizer and wrappers, and the MFU's two figures."""
+    """The model on its device with its precision, optimizer and wrappers; for MFU, its FLOPs per token and the
+    device's peak FLOP/s (a data sheet's, or measured)."""
     run.raw_model = run.raw_model.to(run.device)
     device_type = torch.device(run.device).type
     run.autocast = autocast_for(run.device, run.precision)
@@ -781,9 +784,10 @@ def prepare_model(run: Run):
 
 
 def start_run(args: argparse.Namespace, given: set[str], procs: Processes) -> Run:
-    """Everything before the first step. --plan builds the same run and writes nothing: a run directory that would
-    be refused is the plan's warning to give."""
-    run = check_inputs(args, given, procs, choose_precision, DataLoader, build_model)  # every problem at once
+    """Everything before the first step. --plan builds the same run and writes nothing."""
+    # every flag checked, the device picked, --run-dir opened (a resume's settings read back), then the precision,
+    # the train and val DataLoaders and the model built by the chapter's own functions: every problem at once
+    run = check_inputs(args, given, procs, choose_precision, DataLoader, build_model)
     make_run_dir(run)  # only now: a refused run leaves nothing behind
     prepare_model(run)
     resume(run)  # the optimizer, data position, progress and random states, where the checkpoint left them
@@ -860,7 +864,8 @@ def train_step(run: Run, step: int) -> StepResult:
 
 def log_step(run: Run, step: int, result: StepResult):
     """The step's line and log event; a loss that is not a number stops the run."""
-    args, tokens_per_s = run.args, run.args.total_batch_size / result.seconds
+    args = run.args
+    tokens_per_s = args.total_batch_size / result.seconds
     if not math.isfinite(result.loss):
         where = f"the last checkpoint, {run.last_checkpoint}, is intact" if run.last_checkpoint else "no checkpoint yet"
         raise InputError(

@@ -2,8 +2,8 @@
 A training run's machinery around the chapter's loop: every input checked before anything is written, the `Run`
 the loop works with, resuming it, and the lines that say what it chose.
 
-train_gpt2.py hands in what only it defines: its DataLoader class and its build_model function (this package
-never imports the chapter, which runs as __main__: importing it back would make a second GPT class).
+train_gpt2.py hands in what only it defines: its choose_precision, its DataLoader class and its build_model (this
+package never imports the chapter, which runs as __main__: importing it back would make a second GPT class).
 """
 
 import argparse
@@ -243,7 +243,6 @@ def check_inputs(
             grad_accum_steps = accumulation_steps(args, procs.world_size)
     model_from_hub = checkpoint is None and args.init_from in HF_MODEL_NAMES and not os.path.isdir(args.init_from)
     if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
-        torch.manual_seed(args.seed)  # the same initial weights on every process and every run with this seed
         with problems:
             model, source = build_model(args, checkpoint)
             check_model(model, source, args, given)

@@ -674,6 +674,18 @@ def test_warmup_defaults_to_5_percent_of_the_steps_capped_at_2000(argv, warmup):
     assert args.warmup_steps == warmup
 
 
+@pytest.mark.parametrize(
+    "argv, given",
+    [([], set()), (["--max-steps", "100"], {"max_steps"}), (["--max-steps=100"], {"max_steps"}),
+     (["--max-st", "100", "--no-compile", "--resume"], {"max_steps", "compile", "resume"})],
+)  # fmt: skip
+def test_a_flag_counts_as_given_however_it_is_spelled(argv, given):
+    """A resume puts back each of the run's settings that was not given: an abbreviated flag was given too."""
+    args, found = train_gpt2.parse_args(argv)
+    assert found == given
+    assert args.n_layer == 12 and args.max_steps == (100 if given & {"max_steps"} else 40000)
+
+
 # --- torch.compile and DDP --------------------------------------------------------------------------------------
 
 
