@@ -892,23 +892,23 @@ def train(args: argparse.Namespace, given: set[str], procs: Processes):
     """The loop: at each step, checkpoint, evaluate and sample when they are due, then one optimizer step. Ends with
     a summary of the run."""
     started = time.perf_counter()
-    run = start_run(args, given, procs)
-    first, stopped_early = run.step, False
-    for step in range(first, args.max_steps + 1):
-        last = step == args.max_steps
-        # checkpoint first, then evaluate: a run resumed here repeats this step's evaluation exactly
-        if step > first and (last or due(step, args.ckpt_interval)):
-            run.keep_checkpoint(step)
-        if (last or due(step, args.eval_interval)) and validate(run, step):
-            stopped_early = True
-            break
-        if run.hellaswag and (last or due(step, args.hellaswag_interval)):
-            log_hellaswag(run, step)
-        if run.master and args.sample_interval and (last or due(step, args.sample_interval)):
-            log_sample(run, step)
-        if last:
-            break
-        log_step(run, step, train_step(run, step))
+    with start_run(args, given, procs) as run:  # --run-dir is locked until the run ends, however it ends
+        first, stopped_early = run.step, False
+        for step in range(first, args.max_steps + 1):
+            last = step == args.max_steps
+            # checkpoint first, then evaluate: a run resumed here repeats this step's evaluation exactly
+            if step > first and (last or due(step, args.ckpt_interval)):
+                run.keep_checkpoint(step)
+            if (last or due(step, args.eval_interval)) and validate(run, step):
+                stopped_early = True
+                break
+            if run.hellaswag and (last or due(step, args.hellaswag_interval)):
+                log_hellaswag(run, step)
+            if run.master and args.sample_interval and (last or due(step, args.sample_interval)):
+                log_sample(run, step)
+            if last:
+                break
+            log_step(run, step, train_step(run, step))
     if run.master:
         print("\n".join(run_summary(args.run_dir, args.max_steps, stopped_early, first, time.perf_counter() - started)))
 

@@ -67,6 +67,7 @@ class Facts:
     largest_micro_batch: int | None  # CUDA only: the largest power of two that fits at these shapes
     run_dir: str
     run_dir_holds_a_run: bool
+    run_dir_in_use: str | None  # which process holds --run-dir now, if one does
     resume: bool
     in_colab: bool
 
@@ -139,6 +140,8 @@ def warnings(f: Facts, epochs: float, seconds: float) -> list[str]:
             f"the run takes {duration(seconds)}, longer than a free Colab session, and --run-dir {f.run_dir} is not "
             "on Drive: put it under /content/drive so checkpoints outlive the session, and rerun with --resume"
         )
+    if f.run_dir_in_use:
+        found.append(f"{f.run_dir_in_use} (a run started now would be refused)")
     if f.run_dir_holds_a_run and not f.resume:
         found.append(f"{f.run_dir} already holds a run, and the run would refuse it: pass --resume to continue it")
     return found
@@ -303,6 +306,7 @@ def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], obje
         checkpoint_bytes_each=checkpoint_size(run.raw_model, **run.state(run.step)),  # counted, not written
         largest_micro_batch=largest,
         run_dir_holds_a_run=bool(step_checkpoints(args.run_dir)),
+        run_dir_in_use=run.in_use,
         in_colab="COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules,
     )
     plan = make_plan(facts)

@@ -30,6 +30,7 @@ from gpt2lite.cli import InputError, Problems
 from gpt2lite.devices import training_device
 from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples
 from gpt2lite.gpt2_files import HF_MODEL_NAMES
+from gpt2lite.lock import RunLock, lock_problem, remove_leftovers
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 
@@ -70,6 +71,15 @@ class Run:
     step: int = 0  # the step this run (re)starts at
     best_val_loss: float = float("inf")
     evals_without_improvement: int = 0
+    lock: RunLock | None = None  # rank 0's lock on --run-dir, from make_run_dir to the run's end
+    in_use: str | None = None  # --plan: the line saying which process holds --run-dir, if one does
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exception):  # however the run ends: the run directory is free again
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def rank(self) -> int:
@@ -225,7 +235,15 @@ def check_inputs(
     with problems:
         device = training_device(args.device, procs.local_rank, procs.world_size)
     say = functools.partial(print, flush=True) if procs.rank == 0 else (lambda *parts: None)
-    checkpoint, resumed_from = open_run_dir(args, given, problems, say)
+    in_use = [lock_problem(args.run_dir) if procs.rank == 0 else None]  # one writer: see make_run_dir
+    if procs.world_size > 1:  # rank 0 holds the lock, and every process must stop if it cannot
+        dist.broadcast_object_list(in_use, src=0)
+    in_use = in_use[0]
+    checkpoint = resumed_from = None
+    if in_use and not args.plan:
+        problems.add(in_use)  # and nothing of it is read: a live run may be rewriting it
+    else:
+        checkpoint, resumed_from = open_run_dir(args, given, problems, say)
     with problems:
         check_schedule(args)
     if device:
@@ -254,16 +272,31 @@ def check_inputs(
     problems.raise_any()
     return Run(
         args, procs, device, precision, why, train_loader, val_loader, grad_accum_steps, model, hellaswag,
-        checkpoint=checkpoint, last_checkpoint=resumed_from,
+        checkpoint=checkpoint, last_checkpoint=resumed_from, in_use=in_use,
     )  # fmt: skip
 
 
 def make_run_dir(run: Run):
-    """The run directory, made once every process has looked at it (a plan writes nothing)."""
+    """The run directory, made once every process has looked at it, and locked by rank 0 for the whole run; what a
+    killed write left behind is removed under the lock. A plan writes nothing and locks nothing."""
     if run.world_size > 1:  # every process has looked at the run directory before rank 0 writes into it
         dist.barrier(device_ids=[run.procs.local_rank] if dist.get_backend() == "nccl" else None)
-    if not run.args.plan:
+    if run.args.plan:
+        return
+    refused = None
+    if run.master:
         os.makedirs(run.args.run_dir, exist_ok=True)  # only now: a refused run leaves nothing behind
+        try:
+            run.lock = RunLock(run.args.run_dir, run.say)
+            remove_leftovers(run.args.run_dir, run.say)
+        except InputError as e:  # another process took it since check_inputs looked
+            refused = e
+    if run.world_size > 1:  # every process stops, or none
+        failed = torch.tensor(float(refused is not None), device=run.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        refused = refused or (InputError(f"{run.args.run_dir} is in use") if failed.item() else None)
+    if refused:
+        raise refused
 
 
 # --- resuming, and what the run says before its first step ------------------------------------------------------

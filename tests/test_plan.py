@@ -139,7 +139,8 @@ def test_the_largest_micro_batch_line_keeps_the_batch(capsys):
         max_steps=40_000, eval_interval=250, ckpt_interval=1000, keep_last=3, patience=10, device="Tesla T4",
         precision="fp16", why="", compiled=True, attention="memory-efficient", seconds_per_step=3.7, eval_seconds=10,
         mfu=0.3, peak_memory_bytes=10 * 2**30, device_memory_bytes=15 * 2**30, checkpoint_bytes_each=1_500_000_000,
-        largest_micro_batch=8, run_dir="runs/gpt2-124m", run_dir_holds_a_run=False, resume=False, in_colab=False,
+        largest_micro_batch=8, run_dir="runs/gpt2-124m", run_dir_holds_a_run=False, run_dir_in_use=None, resume=False,
+        in_colab=False,
     )  # fmt: skip
     result = planning.make_plan(facts)
     text = "\n".join(planning.plan_lines(facts, result))
