@@ -37,12 +37,11 @@ from gpt2lite.files import read_json
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
 from gpt2lite.shards import (
     MANIFEST_NAME,
-    SHARD_HEADER_BYTES,
     SHARD_MAGIC,
     SHARD_VERSION,
     SPLITS,
-    load_tokens,
     read_manifest,
+    shard_damage,
 )
 from gpt2lite.text_data import (
     Part,
@@ -89,12 +88,8 @@ def is_complete(out_dir: str, settings: dict) -> bool:
     manifest = read_manifest(manifest_path)
     if manifest.get("settings") != settings:
         return False
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            path = os.path.join(out_dir, shard["file"])
-            if not os.path.isfile(path) or len(load_tokens(path)) != shard["tokens"]:
-                return False
-    return True
+    shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+    return all(shard_damage(os.path.join(out_dir, shard["file"]), shard) is None for shard in shards)
 
 
 def prepare_out_dir(out_dir: str, settings: dict, overwrite: bool) -> dict | None:
@@ -134,6 +129,12 @@ def earlier_progress(out_dir: str, settings: dict) -> dict | None:
     splits = {}
     for split, info in record["splits"].items():
         whole = list(itertools.takewhile(lambda shard: is_whole(out_dir, shard), info["shards"]))
+        if len(whole) < len(info["shards"]):
+            damaged = info["shards"][len(whole)]
+            reason = shard_damage(os.path.join(out_dir, damaged["file"]), damaged)
+            later = len(info["shards"]) - len(whole) - 1
+            and_later = f", and the {later} after it" if later else ""
+            print(f"{damaged['file']} is damaged ({reason}): writing it again{and_later}", flush=True)
         if whole and all("next_doc" in shard for shard in whole):  # shards of older versions start over
             done = whole == info["shards"] and info.get("done", True)  # a manifest's splits are all done
             splits[split] = {**info, "shards": whole, "done": done}
@@ -141,8 +142,7 @@ def earlier_progress(out_dir: str, settings: dict) -> dict | None:
 
 
 def is_whole(out_dir: str, shard: dict) -> bool:
-    path = os.path.join(out_dir, shard["file"])
-    return os.path.isfile(path) and os.path.getsize(path) == SHARD_HEADER_BYTES + 2 * shard["tokens"]
+    return shard_damage(os.path.join(out_dir, shard["file"]), shard) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

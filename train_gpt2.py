@@ -54,7 +54,7 @@ from gpt2lite.devices import PRECISIONS, compile_error, peak_flops
 from gpt2lite.evaluation import hellaswag_scores
 from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, copy_hf_weights, get_tokenizer, load_hf_model, save_hf_folder
 from gpt2lite.run import MODEL_FLAGS, Processes, Run, check_inputs, describe_run, make_run_dir, resume
-from gpt2lite.shards import find_shards, load_tokens
+from gpt2lite.shards import checked_tokens, find_shards, load_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
@@ -474,7 +474,7 @@ class DataLoader:
         """The current shard's tokens, and the start of each of its windows in this epoch's order."""
         index = int(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))[self.shard])
         rng = np.random.default_rng([self.seed, self.epoch, index + 1])  # + 1: numpy seeds [s, e, 0] as [s, e]
-        self.tokens = load_tokens(self.paths[index])
+        self.tokens = checked_tokens(self.paths[index])
         offset = int(rng.integers(self.T))
         self.starts = offset + self.T * rng.permutation(max(0, len(self.tokens) - 1 - offset) // self.T)
 
@@ -507,7 +507,7 @@ class DataLoader:
         n_windows = min(n_windows, total)
         picked = (2 * np.arange(n_windows) + 1) * total // (2 * n_windows)  # the middle of n_windows equal parts
         shard = np.searchsorted(first, picked, side="right") - 1
-        tokens = {k: load_tokens(self.paths[k]) for k in set(shard.tolist())}
+        tokens = {k: checked_tokens(self.paths[k]) for k in set(shard.tolist())}
         windows = [(tokens[k], (i - first[k]) * self.T) for i, k in zip(picked.tolist(), shard.tolist())]
         for start in range(0, n_windows, self.rows):
             mine = windows[start + self.rank * self.B : start + (self.rank + 1) * self.B]

@@ -5,6 +5,7 @@ of int32). manifest.json beside the shards lists each one's tokens and sha256, t
 settings. text_data.py writes shards with these definitions; train_gpt2.DataLoader reads them.
 """
 
+import hashlib
 import os
 import re
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from gpt2lite.cli import InputError, first_line
 from gpt2lite.files import read_json
+from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -46,9 +48,22 @@ def load_tokens(path: str) -> np.ndarray:
     if size != SHARD_HEADER_BYTES + n_tokens * 2:
         raise InputError(
             f"{path} holds {(size - SHARD_HEADER_BYTES) // 2:,} tokens but its header says {n_tokens:,}: "
-            "the file is truncated or corrupt, run prepare_data.py again"
+            "the file is truncated or corrupt; run the prepare_data.py command that made it again, which rewrites it"
         )
     return np.memmap(path, dtype=SHARD_DTYPE, mode="r", offset=SHARD_HEADER_BYTES, shape=(n_tokens,))
+
+
+def checked_tokens(path: str) -> np.ndarray:
+    """load_tokens, after checking that every id is one of GPT-2's: a flipped bit that makes an id past the
+    vocabulary would otherwise end training in an IndexError deep inside the embedding. One read of the shard."""
+    tokens = load_tokens(path)
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= GPT2_VOCAB_SIZE:
+        raise InputError(
+            f"{path} holds token id {largest:,}, past GPT-2's {GPT2_VOCAB_SIZE:,}: the shard is damaged; run the "
+            "prepare_data.py command that made it again, which finds and rewrites damaged shards"
+        )
+    return tokens
 
 
 def read_manifest(path: str) -> dict:
@@ -78,3 +93,25 @@ def find_shards(data_dir: str, split: str) -> list[str]:
     if not paths:
         raise InputError(f"{data_dir} holds no {split} shards (*_{split}_NNNNNN.bin): run prepare_data.py first")
     return paths
+
+
+def shard_damage(path: str, entry: dict) -> str | None:
+    """What is wrong with a shard file against its manifest entry (size, header, sha256), or None when it is the
+    file prepare_data.py wrote: the reason a rerun rewrites it."""
+    expected = SHARD_HEADER_BYTES + 2 * entry["tokens"]
+    if not os.path.isfile(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if size != expected:
+        return f"{size:,} bytes where the manifest's {entry['tokens']:,} tokens make {expected:,}"
+    header = np.fromfile(path, dtype=np.int32, count=3)
+    if list(header) != [SHARD_MAGIC, SHARD_VERSION, entry["tokens"]]:
+        return "its header is not the shard header it was written with"
+    if "sha256" in entry:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            return "its sha256 differs from the manifest's: some bytes changed"
+    return None

@@ -378,6 +378,54 @@ def test_shards_from_other_settings_are_kept_unless_overwrite(tmp_path):
     ), "no shard of the old settings is left behind"
 
 
+def damage(path: Path, how: str):
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[:-3])
+    elif how == "flipped":
+        data[-1] ^= 0x01  # the last token's low byte: the same size, another token, no id out of range
+        path.write_bytes(data)
+    else:  # an id past the vocabulary, as a flipped high bit makes
+        data[-2:] = (0xFFFF).to_bytes(2, "little")
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "past the vocabulary"])
+def test_the_same_prepare_data_command_finds_and_rewrites_a_damaged_shard(tmp_path, capsys, how):
+    files = write_files(tmp_path / "in", {"book.txt": make_text(3000, seed=5)})
+    out = tmp_path / "out"
+    command = ["--input", *files, "--out-dir", str(out), "--shard-size", "800", "--num-proc", "1"]
+    prepare(*command)
+    made = {p.name: p.read_bytes() for p in out.iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) >= 3
+    damage(out / shards[1]["file"], how)
+    capsys.readouterr()
+    prepare(*command)
+    said = capsys.readouterr().out
+    assert f"{shards[1]['file']} is damaged (" in said
+    assert f"writing it again, and the {len(shards) - 2} after it" in said
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == made, "the rerun writes the very bytes of the first run"
+    prepare(*command)
+    assert "already holds these shards" in capsys.readouterr().out
+
+
+def test_training_names_a_shard_whose_token_ids_are_past_the_vocabulary(tmp_path, shards):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in shards.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:  # each: the shard read first is drawn with the order
+        damage(copy / shard["file"], "past the vocabulary")
+    from gpt2lite.cli import InputError
+
+    with pytest.raises(InputError, match=r"_train_\d{6}\.bin holds token id 65,535, past GPT-2's 50,257: the shard "
+                                         "is damaged; run the prepare_data.py command that made it again"):  # fmt: skip
+        DataLoader(str(copy), "train", 2, 8).next_batch()
+
+
 def test_loader_refuses_bad_data(tmp_path, shards):
     from gpt2lite.cli import InputError
 
