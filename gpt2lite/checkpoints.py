@@ -170,11 +170,11 @@ def latest_checkpoint(run_dir: str, say: Callable[..., None]) -> tuple[dict | No
 
 def resume_hint(run_dir: str) -> str:
     """What `--resume` would do with this run directory now: for the line that ends an interrupted run."""
-    checkpoints = step_checkpoints(run_dir)
+    checkpoints, command = step_checkpoints(run_dir), f"python train_gpt2.py --resume --run-dir {shlex.quote(run_dir)}"
     if not checkpoints:
-        return f"{run_dir} holds no checkpoint yet, so --resume starts the run again from step 0"
+        return f"{run_dir} holds no checkpoint yet, so `{command}` starts the run again from step 0"
     step = int(os.path.basename(checkpoints[-1])[len("ckpt_") : -len(".pt")])
-    return f"--resume continues the run from step {step} ({checkpoints[-1]})"
+    return f"`{command}` continues the run from step {step} ({checkpoints[-1]})"
 
 
 def rotate_checkpoints(run_dir: str, keep_last: int):

@@ -10,6 +10,7 @@ import argparse
 import functools
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -119,9 +120,11 @@ class Run:
         )
 
     def save(self, path: str, step: int):
+        t0 = time.perf_counter()
         state = self.state(step)
         if self.master:
             save_checkpoint(path, self.raw_model, **state)
+            self.say(f"checkpoint {path}: {os.path.getsize(path) / 1e6:,.1f} MB in {time.perf_counter() - t0:.1f} s")
         if os.path.basename(path) != "best.pt":
             self.last_checkpoint = path
 
@@ -200,17 +203,18 @@ def open_run_dir(
 
 def check_model(model: nn.Module, source: str | None, args: argparse.Namespace, given: set[str]):
     """A model flag given beside weights that fix it must agree with them; the sequence must fit the context."""
+    problems = Problems()
     if source is not None:
         # a fine-tuned model takes this run's dropout: it may add some to a model trained without
-        changeable = {"dropout"} if source == args.init_from else set()
-        for name in sorted(given & set(MODEL_FLAGS) - changeable):
+        fine_tuning = source == args.init_from
+        fix = "drop the flag" if fine_tuning else "drop the flag, or start a new --run-dir"
+        for name in sorted(given & set(MODEL_FLAGS) - ({"dropout"} if fine_tuning else set())):
             if getattr(model.config, name) != getattr(args, name):
-                raise InputError(
-                    f"--{name.replace('_', '-')} {getattr(args, name)} differs from {source}'s "
-                    f"{getattr(model.config, name)}: drop the flag, or start a new --run-dir"
-                )
+                problems.add(f"--{name.replace('_', '-')} {getattr(args, name)} differs from {source}'s "
+                             f"{getattr(model.config, name)}: {fix}")  # fmt: skip
     if args.seq_len > model.config.block_size:
-        raise InputError(f"--seq-len {args.seq_len} is above the model's block size {model.config.block_size}")
+        problems.add(f"--seq-len {args.seq_len} is above the model's block size {model.config.block_size}")
+    problems.raise_any()
 
 
 def load_hellaswag(args: argparse.Namespace) -> list[dict]:

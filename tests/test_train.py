@@ -534,8 +534,10 @@ def test_ctrl_c_ends_a_run_with_one_line_and_resume_continues_it(tmp_path, small
     assert process.returncode == 130
     assert "Traceback" not in stderr
     (line,) = stderr.strip().splitlines()
-    match = re.fullmatch(r"train_gpt2.py: interrupted: --resume continues the run from step (\d+) \((.*)\)", line)
-    assert match and Path(match[2]) == run / f"ckpt_{int(match[1]):06d}.pt" and Path(match[2]).is_file(), line
+    match = re.fullmatch(r"train_gpt2.py: interrupted: `python train_gpt2.py --resume --run-dir (.*)` continues the "
+                         r"run from step (\d+) \((.*)\)", line)  # fmt: skip
+    assert match and Path(match[1]) == run, line
+    assert Path(match[3]) == run / f"ckpt_{int(match[2]):06d}.pt" and Path(match[3]).is_file(), line
     resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "8")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stdout and "step 7/8 | loss" in resumed.stdout
@@ -554,8 +556,14 @@ def test_init_from_a_checkpoint_starts_where_that_model_left_off(tmp_path, small
     start_val = logged_losses(tmp_path / "tuned")[0]
     assert start_val[:2] == (0, "val") and start_val[2] == pytest.approx(final_val, rel=1e-6)
     refused = run_train(*common, "--run-dir", str(tmp_path / "other"), "--max-steps", "4", "--n-layer", "3",
-                        "--init-from", str(tmp_path / "first" / "ckpt_000020.pt"))  # fmt: skip
-    assert refused.returncode == 1 and "--n-layer 3 differs from" in refused.stderr
+                        "--n-embd", "96", "--init-from", str(tmp_path / "first" / "ckpt_000020.pt"))  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    source = tmp_path / "first" / "ckpt_000020.pt"
+    assert refused.stderr.splitlines() == [  # every conflict at once, and no run directory in the advice
+        f"train_gpt2.py: error: --n-embd 96 differs from {source}'s 64: drop the flag",
+        f"train_gpt2.py: error: --n-layer 3 differs from {source}'s 2: drop the flag",
+    ]
+    assert not (tmp_path / "other").exists()
 
 
 # --- resuming: on the CPU, across precisions, before the first checkpoint, past a damaged one -------------------
@@ -564,6 +572,17 @@ def test_init_from_a_checkpoint_starts_where_that_model_left_off(tmp_path, small
 def tiny_run_args(data: Path, run: Path, max_steps: int, *extra: str) -> list[str]:
     return [*TINY_RUN, "--data-dir", str(data), "--run-dir", str(run), "--max-steps", str(max_steps),
             "--eval-interval", "2", "--ckpt-interval", "2", "--sample-interval", "0", *extra]  # fmt: skip
+
+
+def test_each_checkpoint_written_gets_a_line_with_its_size_and_time(tmp_path, small_data, capsys):
+    run = tmp_path / "run"
+    train_gpt2.main(tiny_run_args(small_data, run, 4))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint ")]
+    written = [f"{run / 'best.pt'}", f"{run / 'ckpt_000002.pt'}", f"{run / 'ckpt_000004.pt'}"]
+    assert {line.split(":")[0].removeprefix("checkpoint ") for line in lines} == set(written)
+    for line in lines:
+        size = os.path.getsize(line.split(":")[0].removeprefix("checkpoint "))
+        assert re.fullmatch(rf"checkpoint .+: {size / 1e6:,.1f} MB in \d+\.\d s", line), line
 
 
 def test_a_resume_reads_its_checkpoint_on_the_cpu(tmp_path, small_data, monkeypatch, capsys):
@@ -640,12 +659,14 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_keeps_it(tmp_path, small_d
 
 def test_the_line_after_ctrl_c_says_where_a_resume_would_start(tmp_path):
     assert checkpoints.resume_hint(str(tmp_path)) == (
-        f"{tmp_path} holds no checkpoint yet, so --resume starts the run again from step 0"
+        f"{tmp_path} holds no checkpoint yet, so `python train_gpt2.py --resume --run-dir {tmp_path}` starts the run "
+        "again from step 0"
     )
     (tmp_path / "ckpt_000250.pt").write_bytes(b"")
     (tmp_path / "ckpt_000500.pt").write_bytes(b"")
     assert checkpoints.resume_hint(str(tmp_path)) == (
-        f"--resume continues the run from step 500 ({tmp_path / 'ckpt_000500.pt'})"
+        f"`python train_gpt2.py --resume --run-dir {tmp_path}` continues the run from step 500 "
+        f"({tmp_path / 'ckpt_000500.pt'})"
     )
 
 
