@@ -47,6 +47,10 @@ def read_text(path: str) -> str:
     """A text file's contents, or one line saying where it is not UTF-8 and how to convert it."""
     with open(path, "rb") as f:
         data = f.read()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{path} is UTF-16 text, not UTF-8: convert it first (iconv -f utf-16 -t utf-8)")
+    if b"\x00" in data:  # text has no NUL bytes in UTF-8 or in any single-byte encoding
+        raise InputError(f"{path} is not text (it holds NUL bytes: a binary file?): pass text files")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

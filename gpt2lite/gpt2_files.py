@@ -133,7 +133,7 @@ def load_hf_model(name_or_dir: str):
             raise InputError(f"{name_or_dir} holds no GPT-2 weights ({first_line(e)})") from None
         raise InputError(
             f"could not download {name_or_dir!r} and no copy is cached (no network?): on a machine with network, "
-            f"run GPT.from_pretrained({name_or_dir!r}).save_pretrained(DIR), then pass that DIR"
+            f"run `python export.py {name_or_dir} DIR`, then pass that DIR"
         ) from None
 
 

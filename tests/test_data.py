@@ -342,6 +342,8 @@ def test_bad_input_files(tmp_path):
     good = write_files(tmp_path, {"good.txt": "fine text\n"})[0]
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("ok so far, then caf\xe9".encode("latin-1"))
+    (tmp_path / "data.bin").write_bytes(bytes(range(256)) * 4)  # a binary file
+    (tmp_path / "utf16.txt").write_bytes("some text".encode("utf-16"))
     out = ["--out-dir", str(tmp_path / "out")]
     assert_one_line_error(run_prepare("--input", str(tmp_path / "missing.txt"), *out), "missing.txt does not exist")
     assert_one_line_error(run_prepare("--input", str(tmp_path / "nothing*.txt"), *out), "matches no file")
@@ -349,6 +351,10 @@ def test_bad_input_files(tmp_path):
     assert_one_line_error(run_prepare("--input", str(tmp_path), *out), "is a folder: pass its files")
     assert_one_line_error(run_prepare("--input", good, "--val-input", str(tmp_path / "latin1.txt"), *out),
                           "latin1.txt is not UTF-8 text: byte 0xe9 at offset 19")
+    binary = run_prepare("--input", str(tmp_path / "data.bin"), *out)
+    assert_one_line_error(binary, "data.bin is not text (it holds NUL bytes: a binary file?): pass text files")
+    assert "iconv" not in binary.stderr
+    assert_one_line_error(run_prepare("--input", str(tmp_path / "utf16.txt"), *out), "utf16.txt is UTF-16 text")
     assert_one_line_error(run_prepare("--input", good, "--val-fraction", "1.5", *out), "--val-fraction must be")
     assert_one_line_error(run_prepare("--val-fraction", "0.1", *out), "go with --input")
     assert not (tmp_path / "out").exists(), "nothing is written before the inputs are known to be good"

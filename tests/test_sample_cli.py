@@ -60,7 +60,7 @@ def test_samples_from_a_training_checkpoint(tmp_path):
     "args, env, message",
     [
         (["--init-from", "gpt-5"], {}, "unknown model 'gpt-5': use one of gpt2, gpt2-medium"),
-        (["--init-from", "gpt2"], {"HF_HUB_OFFLINE": "1"}, "could not download 'gpt2'.*pass that DIR"),
+        (["--init-from", "gpt2"], {"HF_HUB_OFFLINE": "1"}, r"could not download.*`python export\.py gpt2 DIR`"),
         (["--init-from", "EMPTY_DIR"], {}, "holds no GPT-2"),
         (["--prompt", ""], {}, "--prompt is empty"),
         (["--max-new-tokens", "0"], {}, "--max-new-tokens must be at least 1"),
