@@ -27,8 +27,8 @@ import math
 import os
 import time
 
-from gpt2lite.cli import ArgumentParser, InputError, run_cli
-from gpt2lite.devices import pick_device
+from gpt2lite.cli import ArgumentParser, InputError, Problems, run_cli
+from gpt2lite.devices import device_and_model
 from gpt2lite.evaluation import (
     HELLASWAG_CACHE,
     HELLASWAG_URL,
@@ -117,14 +117,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="autocast precision (auto: bf16 or fp16 on a GPU, by its capability; fp32 on a CPU)")
     parser.add_argument("--out", default=None,
                         help="also write the scores to this JSON file (default: print them only)")
-    args = parser.parse_args(argv)
-    if args.data and args.task == "all":
-        parser.error("--data names one task's file: use it with --task hellaswag, lambada or wikitext")
-    if args.limit < 0:
-        parser.error(f"--limit must be 0 (everything) or positive, got {args.limit}")
-    if (args.stride is not None and args.stride < 1) or args.batch_tokens < 1:
-        parser.error("--stride and --batch-tokens must be positive")
-    return args
+    return parser.parse_args(argv)
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    rules = [
+        (args.data and args.task == "all", "--data names one task's file: use it with --task hellaswag, lambada or "
+                                           "wikitext"),
+        (args.limit < 0, f"--limit must be 0 (everything) or positive, got {args.limit}"),
+        ((args.stride is not None and args.stride < 1) or args.batch_tokens < 1, "--stride and --batch-tokens must "
+                                                                                  "be positive"),
+    ]  # fmt: skip
+    return [line for broken, line in rules if broken]
 
 
 def run_task(task: str, model, args: argparse.Namespace, device: str, autocast) -> dict:
@@ -156,10 +160,15 @@ def describe(task: str, scores: dict) -> str:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    device = pick_device(args.device)
-    precision, why = choose_precision(device, args.dtype)
+    problems = Problems()
+    problems.add(*flag_problems(args))  # every problem at once, the device's and the model's too
+    device, model = device_and_model(args.device, args.init_from, load_model, problems)
+    if device:
+        with problems:
+            precision, why = choose_precision(device, args.dtype)
+    problems.raise_any()
     autocast = autocast_for(device, precision)
-    model = load_model(args.init_from, device).eval()
+    model.eval()
     print(f"{args.init_from} on {device} | precision {precision} ({why})")
     results = {"model": args.init_from, "device": device, "precision": precision, "tasks": {}}
     for task in TASKS if args.task == "all" else (args.task,):

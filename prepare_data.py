@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
+from gpt2lite.cli import ArgumentParser, InputError, Problems, first_line, run_cli
 from gpt2lite.files import read_json
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
 from gpt2lite.shards import (
@@ -184,22 +184,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards made with other settings in --out-dir")
     args = parser.parse_args(argv)
-    check_sources(parser, args)
+    problems = Problems()  # every mistake at once, a line each
+    check_sources(args, problems)
     if args.shard_size < 1:
-        parser.error(f"--shard-size must be at least 1 token, got {args.shard_size}")
+        problems.add(f"--shard-size must be at least 1 token, got {args.shard_size}")
     if args.num_proc < 1:
-        parser.error(f"--num-proc must be at least 1, got {args.num_proc}")
+        problems.add(f"--num-proc must be at least 1, got {args.num_proc}")
     if args.hf_dataset:
         args.val_docs = STREAM_VAL_DOCS if args.val_docs is None else args.val_docs
         if args.val_docs < 1:
-            parser.error(f"--val-docs must be at least 1, got {args.val_docs}")
+            problems.add(f"--val-docs must be at least 1, got {args.val_docs}")
         if args.max_tokens is not None and args.max_tokens < args.shard_size:
-            parser.error(f"--max-tokens {args.max_tokens:,} is below one shard (--shard-size {args.shard_size:,}): ask "
+            problems.add(f"--max-tokens {args.max_tokens:,} is below one shard (--shard-size {args.shard_size:,}): ask "
                          "for more tokens, or for smaller shards")  # fmt: skip
     if (args.input or args.dataset == "tinyshakespeare") and not args.val_input and args.val_fraction is None:
         args.val_fraction = 0.1
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+        problems.add(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    for flag, patterns in (("--input", args.input), ("--val-input", args.val_input)):
+        if patterns:  # the files too, with the flags: expand_inputs checks them again when it reads them
+            with problems:
+                expand_inputs(patterns)
+    problems.raise_any()
     if args.name is None:
         args.name = default_name(args)
     if args.out_dir is None:
@@ -215,15 +221,15 @@ def token_count(text: str) -> int:
     return int(value)
 
 
-def check_sources(parser: ArgumentParser, args: argparse.Namespace):
+def check_sources(args: argparse.Namespace, problems: Problems):
     """One source of text, and only the flags that go with it; the presets become what they stand for."""
     given = [flag for flag, value in (("--dataset", args.dataset), ("--input", args.input),
                                       ("--hf-dataset", args.hf_dataset)) if value]  # fmt: skip
     if len(given) > 1:
-        parser.error(f"give one source of text: {' or '.join(given)}")
+        problems.add(f"give one source of text: {' or '.join(given)}")
     if args.dataset == "fineweb-edu":
         if args.hf_config:
-            parser.error("--hf-config goes with --hf-dataset: --dataset fineweb-edu reads sample-10BT")
+            problems.add("--hf-config goes with --hf-dataset: --dataset fineweb-edu reads sample-10BT")
         args.hf_dataset, args.hf_config = FINEWEB_EDU
     elif args.dataset is None and not args.input and not args.hf_dataset:
         args.dataset = "wikitext-103-raw-v1"
@@ -232,14 +238,14 @@ def check_sources(parser: ArgumentParser, args: argparse.Namespace):
                     "--max-tokens": args.max_tokens is not None}  # fmt: skip
     misplaced = [flag for flag, value in stream_flags.items() if value] if not args.hf_dataset else []
     if misplaced:
-        parser.error(f"{misplaced[0]} goes with --hf-dataset or --dataset fineweb-edu (a streamed dataset)")
+        problems.add(f"{misplaced[0]} goes with --hf-dataset or --dataset fineweb-edu (a streamed dataset)")
     if (args.val_input or args.val_fraction is not None) and not (args.input or args.dataset == "tinyshakespeare"):
-        parser.error("--val-input and --val-fraction go with --input or --dataset tinyshakespeare (the other "
+        problems.add("--val-input and --val-fraction go with --input or --dataset tinyshakespeare (the other "
                      "datasets hold validation text of their own)")
     if args.val_input and args.val_fraction is not None:
-        parser.error("give --val-input or --val-fraction, not both")
+        problems.add("give --val-input or --val-fraction, not both")
     if args.dataset == "tinyshakespeare" and args.val_input:
-        parser.error("--val-input goes with --input; Tiny Shakespeare holds out --val-fraction of its text")
+        problems.add("--val-input goes with --input; Tiny Shakespeare holds out --val-fraction of its text")
 
 
 def default_name(args: argparse.Namespace) -> str:

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from gpt2lite.cli import ArgumentParser, run_cli
-from gpt2lite.devices import pick_device
+from gpt2lite.cli import ArgumentParser, Problems, run_cli
+from gpt2lite.devices import device_and_model
 from gpt2lite.gpt2_files import get_tokenizer
 from train_gpt2 import load_model
 
@@ -35,27 +35,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: off)")
     parser.add_argument("--seed", type=int, default=None, help="makes the samples reproducible (default: random)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        parser.error(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.top_k < 0:
-        parser.error(f"--top-k must be 0 (no limit) or positive, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.prompt:
-        parser.error("--prompt is empty: give the model some text to continue")
-    return args
+    return parser.parse_args(argv)
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    rules = [
+        (args.num_samples < 1, f"--num-samples must be at least 1, got {args.num_samples}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
+        (args.temperature < 0, f"--temperature must be 0 (greedy) or positive, got {args.temperature}"),
+        (args.top_k < 0, f"--top-k must be 0 (no limit) or positive, got {args.top_k}"),
+        (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (not args.prompt, "--prompt is empty: give the model some text to continue"),
+    ]
+    return [line for broken, line in rules if broken]
 
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    problems = Problems()
+    problems.add(*flag_problems(args))  # every problem at once, the model's too
+    device, model = device_and_model(args.device, args.init_from, load_model, problems)
+    problems.raise_any()
     enc = get_tokenizer()
-    model = load_model(args.init_from, device).eval()
+    model.eval()
     prompt = enc.encode_ordinary(args.prompt)
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, ()).item())  # printed below, so a good sample can be redrawn

@@ -6,11 +6,13 @@ there: the data-sheet peak of a known GPU, found by its exact name, or the best 
 import contextlib
 import os
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from gpt2lite.cli import InputError, first_line
+from gpt2lite.cli import InputError, Problems, first_line
+from gpt2lite.gpt2_files import HF_MODEL_NAMES
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype's choices
 
@@ -39,6 +41,21 @@ def training_device(requested: str, local_rank: int, world_size: int) -> str:
     # CPU processes share the cores instead of every process using all of them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return "cpu"
+
+
+def device_and_model(
+    requested: str, init_from: str, load_model: Callable, problems: Problems
+) -> tuple[str | None, nn.Module | None]:
+    """For the scripts that use a trained model (sample.py, evaluate.py): the device and the model on it, each
+    problem added to `problems` so that all are told at once. The model comes last, and a download only when
+    nothing else is wrong: a typo should not cost gigabytes first. load_model is the chapter's."""
+    device = model = None
+    with problems:
+        device = pick_device(requested)
+    if not problems or init_from not in HF_MODEL_NAMES or os.path.isdir(init_from):
+        with problems:
+            model = load_model(init_from, device or "cpu")  # checked on the CPU where the device is the problem
+    return device, model
 
 
 def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> str | None:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from gpt2lite.cli import InputError, first_line
+from gpt2lite.cli import InputError, Problems, first_line
 from gpt2lite.files import read_text, write_atomically
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
 from gpt2lite.shards import SHARD_DTYPE, shard_bytes, shard_name
@@ -59,19 +59,22 @@ def file_documents(paths: list[str]) -> Iterator[str]:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    paths = []
+    """The files that --input's patterns name, after checking each: every bad one is a line of one InputError."""
+    paths, problems = [], Problems()
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise InputError(f"--input pattern {pattern!r} matches no file")
+            problems.add(f"--input pattern {pattern!r} matches no file")
         for path in matches:
             if os.path.isdir(path):
-                raise InputError(f"input {path} is a folder: pass its files, e.g. --input '{path}/*.txt'")
-            if not os.path.isfile(path):
-                raise InputError(f"input file {path} does not exist")
-            if os.path.getsize(path) == 0:
-                raise InputError(f"input file {path} is empty")
-            paths.append(path)
+                problems.add(f"input {path} is a folder: pass its files, e.g. --input '{path}/*.txt'")
+            elif not os.path.isfile(path):
+                problems.add(f"input file {path} does not exist")
+            elif os.path.getsize(path) == 0:
+                problems.add(f"input file {path} is empty")
+            else:
+                paths.append(path)
+    problems.raise_any()
     return paths
 
 
