@@ -6,6 +6,7 @@ Run with `python -m pytest tests/test_layout.py -q`.
 
 import ast
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -52,3 +53,35 @@ def test_scripts_import_the_package_and_at_most_the_chapter(script):
     assert others <= {"train_gpt2"}, f"{script}.py imports {others - {'train_gpt2'}}"
     if script == "train_gpt2":
         assert not others
+
+
+# --- the README's figures of the chapter, checked against the file ----------------------------------------------
+
+RULER = "# " + "-" * 112
+
+
+def chapter_sections() -> list[int]:
+    """Lines of each part of train_gpt2.py between its rulers: the preamble, then the seven sections."""
+    lines = (REPO / "train_gpt2.py").read_text().splitlines()
+    rulers = [i for i, line in enumerate(lines) if line == RULER]
+    bounds = [0, *rulers, len(lines)]
+    return [end - start for start, end in zip(bounds, bounds[1:])]
+
+
+def test_the_readme_states_the_chapters_sizes_as_they_are():
+    readme = (REPO / "README.md").read_text()
+    chapter = (REPO / "train_gpt2.py").read_text()
+    tree = ast.parse(chapter)
+    section = readme[readme.index("## What is in `train_gpt2.py`") :]
+    section = section[: section.index("\n## ", 1)]
+    stated = [int(n) for n in re.findall(r"^\d\. \*\*[^*]+\*\* \((\d+) lines\)", section, re.M)]
+    assert stated == chapter_sections(), "README, What is in train_gpt2.py: the sections' lengths"
+    assert f"It is {len(chapter.splitlines())} lines" in section
+    functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    longest = max(node.end_lineno - node.lineno + 1 + len(node.decorator_list) for node in functions)
+    assert f"no function is longer than {longest} lines" in section
+    gpt = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "GPT")
+    train = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
+    loop = next(node for node in ast.walk(train) if isinstance(node, ast.For))
+    assert f"`class GPT` starts at line {gpt.lineno} and the training loop at line {loop.lineno}" in section
+    assert len(chapter.splitlines()) <= 950, "the chapter's budget"
