@@ -56,7 +56,8 @@ def test_the_colab_notebook_trains_resumes_plots_and_samples_on_a_cpu(tmp_path):
 
     # a new session after a disconnect: Run all again, here with a longer schedule
     second = cell_text(run_notebook(tiny_settings(drive, text_file, max_steps=6)))
-    assert "data/tiny is ready" in second and "planning a run at step 4 of 6" in second
+    assert "data/tiny is ready" in second and "planning a run" not in second  # no plan again: minutes of a session
+    assert "holds a run: no plan needed to continue it" in second
     assert "resuming at step 4 of 6" in second and "step 5/6 | loss" in second
     events = [(e["step"], e["split"]) for e in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
     assert len(set(events)) == len(events) and max(events)[0] == 6  # it went on where it stopped, nothing twice
