@@ -35,7 +35,7 @@ import torch
 
 import train_gpt2
 from gpt2lite import cpu_decode, text_data
-from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
+from gpt2lite.cli import ArgumentParser, first_line, run_cli
 from gpt2lite.devices import peak_flops, pick_device
 from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
@@ -195,14 +195,22 @@ def ours_prepare(docs: Callable[[int], Iterator[str]], out_dir: str, shard_size:
     return writer.tokens
 
 
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # real text beside the project, if any
+COMMON_WORDS = "the of and to in a is was for on as with by he at from his an were are which".split()
+
+
+def generated_texts(count: int, low: int, high: int, seed: int) -> list[str]:
+    """`count` texts of low to high common English words: the stand-in for real text where SHARED_DATA is absent
+    (a clone from GitHub)."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(COMMON_WORDS, size=rng.integers(low, high))) for _ in range(count)]
+
+
 def benchmark_documents() -> tuple[list[str], str]:
     """Real text in many documents of varied size: WikiText-2 articles, Shakespeare's speeches, LAMBADA passages."""
-    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
+    shared = SHARED_DATA
     if not shared.is_dir():
-        rng = np.random.default_rng(0)
-        words = np.array("the of and to in a is was for on as with by he at from his an were are which".split())
-        docs = [" ".join(rng.choice(words, size=rng.integers(20, 2000))) for _ in range(6000)]
-        return docs, "6,000 generated documents (../shared/data is absent)"
+        return generated_texts(6000, 20, 2000, seed=0), "6,000 generated documents (no real text beside the clone)"
     docs = list(text_data.file_documents([str(shared / "wikitext-2-raw" / "wiki.valid.raw")]))
     docs += [s + "\n" for s in (shared / "tinyshakespeare" / "input.txt").read_text().split("\n\n")]
     docs += [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").read_text().splitlines()]
@@ -365,25 +373,27 @@ def training_steps(config: GPTConfig, B: int, T: int, precision: str, compiled: 
 
 
 def eval_tasks() -> tuple[dict[str, list[tuple[list[int], list[int]]]], str]:
-    """(context, completion) pairs per task, from real text where ../shared/data has it: HellaSwag-shaped examples
+    """(context, completion) pairs per task, from real text where SHARED_DATA has it: HellaSwag-shaped examples
     (a context, then four endings; HellaSwag itself is not stored here) made of consecutive Tiny Shakespeare
     lines, LAMBADA's first 400 passages, and WikiText-2 validation text cut into windows of 256 with stride 128."""
-    enc = get_tokenizer()
-    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
-    if not shared.is_dir():
-        raise InputError("the evaluation benchmark reads ../shared/data (WikiText-2, Tiny Shakespeare, LAMBADA)")
-    lines = [line for line in (shared / "tinyshakespeare" / "input.txt").read_text().splitlines() if line.strip()]
+    enc, shared = get_tokenizer(), SHARED_DATA
+    if shared.is_dir():
+        lines = [line for line in (shared / "tinyshakespeare" / "input.txt").read_text().splitlines() if line.strip()]
+        passages = [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").open()][:400]
+        wiki_text, made_of = (shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000], ""
+    else:  # a clone from GitHub: generated text of the same shapes
+        lines, passages = generated_texts(1500, 4, 16, seed=1), generated_texts(400, 60, 100, seed=2)
+        wiki_text, made_of = " ".join(generated_texts(400, 50, 150, seed=3))[:200_000], " (generated text)"
     hellaswag = []
     for i in range(0, 5 * 300, 5):  # 300 examples of 4 endings
         context = enc.encode_ordinary(lines[i] + " " + lines[i + 1])
         hellaswag += [(context, enc.encode_ordinary(" " + lines[i + 2 + k % 3] + " " + str(k))) for k in range(4)]
-    passages = [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").open()][:400]
     lambada = lambada_pairs([{"text": text} for text in passages], enc)
-    wiki = [EOT_TOKEN] + enc.encode_ordinary((shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000])
+    wiki = [EOT_TOKEN] + enc.encode_ordinary(wiki_text)
     wikitext = sliding_windows(wiki, 256, 128)
     return {"hellaswag": hellaswag, "lambada": lambada, "wikitext": wikitext}, (
-        "HellaSwag-shaped: 300 examples x 4 endings of Tiny Shakespeare lines; LAMBADA: 400 passages; "
-        f"WikiText-2 valid: {len(wiki) - 1:,} tokens in {len(wikitext)} windows")
+        f"HellaSwag-shaped: 300 examples x 4 endings of Tiny Shakespeare lines; LAMBADA: 400 passages; "
+        f"WikiText-2 valid: {len(wiki) - 1:,} tokens in {len(wikitext)} windows{made_of}")
 
 
 def bench_eval(args: argparse.Namespace):

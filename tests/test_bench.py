@@ -125,3 +125,13 @@ def test_gpu_benchmark_drops_a_mode_that_fails_and_compiles_from_an_empty_cache(
         inside = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         assert inside != "/somewhere/else" and os.listdir(inside) == []
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and not os.path.exists(inside)
+
+
+def test_the_eval_benchmark_runs_on_generated_text_in_a_clone_without_real_text(monkeypatch, tmp_path):
+    import bench
+
+    monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
+    tasks, described = bench.eval_tasks()
+    assert len(tasks["hellaswag"]) == 300 * 4 and len(tasks["lambada"]) == 400 and len(tasks["wikitext"]) > 100
+    assert described.endswith("(generated text)")
+    assert all(context and completion for pairs in tasks.values() for context, completion in pairs)

@@ -183,3 +183,7 @@ def test_the_cpu_demo_runs_as_written_and_changes_no_committed_file(tmp_path):
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_readme_names_no_path_outside_a_users_clone():
+    assert "../" not in README, "a user's clone has nothing beside it"
