@@ -201,8 +201,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.val_fraction = 0.1
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         problems.add(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    for flag, patterns in (("--input", args.input), ("--val-input", args.val_input)):
-        if patterns:  # the files too, with the flags: expand_inputs checks them again when it reads them
+    one_source = sum(map(bool, (args.input, args.hf_dataset, args.dataset not in (None, "fineweb-edu")))) == 1
+    for patterns in (args.input, args.val_input):
+        if patterns and one_source:  # the files too, with the flags (expand_inputs checks them again to read them)
             with problems:
                 expand_inputs(patterns)
     problems.raise_any()

@@ -7,6 +7,7 @@ gpt2lite: the machinery around train_gpt2.py, the chapter people read. Each modu
   shards       the token-shard format (llm.c's) and its manifest, read and checked
   text_data    text to shards: documents from files or the hub, tokenized on every core, written in order
   checkpoints  the run directory: checkpoints, log.jsonl, what to resume, the summary that ends a run
+  lock         one run directory, one writer: flock on --run-dir, or a heartbeat lock where flock is not trusted
   run          a training run's inputs checked at once, the Run the loop works with, resuming, its first lines
   devices      the device, whether torch.compile works there, and what 100% MFU means on it
   evaluation   scoring completions: HellaSwag, LAMBADA, WikiText perplexity
