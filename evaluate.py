@@ -125,8 +125,8 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
         (args.data and args.task == "all", "--data names one task's file: use it with --task hellaswag, lambada or "
                                            "wikitext"),
         (args.limit < 0, f"--limit must be 0 (everything) or positive, got {args.limit}"),
-        ((args.stride is not None and args.stride < 1) or args.batch_tokens < 1, "--stride and --batch-tokens must "
-                                                                                  "be positive"),
+        (args.stride is not None and args.stride < 1, f"--stride must be positive, got {args.stride}"),
+        (args.batch_tokens < 1, f"--batch-tokens must be positive, got {args.batch_tokens}"),
     ]  # fmt: skip
     return [line for broken, line in rules if broken]
 
