@@ -788,7 +788,7 @@ def start_run(args: argparse.Namespace, given: set[str], procs: Processes) -> Ru
     # every flag checked, the device picked, --run-dir opened (a resume's settings read back), then the precision,
     # the train and val DataLoaders and the model built by the chapter's own functions: every problem at once
     run = check_inputs(args, given, procs, choose_precision, DataLoader, build_model)
-    make_run_dir(run)  # only now: a refused run leaves nothing behind
+    make_run_dir(run)  # made and locked only now: a refused run leaves nothing behind
     prepare_model(run)
     resume(run)  # the optimizer, data position, progress and random states, where the checkpoint left them
     describe_run(run)
