@@ -128,21 +128,23 @@ def earlier_progress(out_dir: str, settings: dict) -> dict | None:
         return None
     splits = {}
     for split, info in record["splits"].items():
-        whole = list(itertools.takewhile(lambda shard: is_whole(out_dir, shard), info["shards"]))
-        if len(whole) < len(info["shards"]):
-            damaged = info["shards"][len(whole)]
-            reason = shard_damage(os.path.join(out_dir, damaged["file"]), damaged)
-            later = len(info["shards"]) - len(whole) - 1
-            and_later = f", and the {later} after it" if later else ""
-            print(f"{damaged['file']} is damaged ({reason}): writing it again{and_later}", flush=True)
+        whole = whole_shards(out_dir, info["shards"])
         if whole and all("next_doc" in shard for shard in whole):  # shards of older versions start over
             done = whole == info["shards"] and info.get("done", True)  # a manifest's splits are all done
             splits[split] = {**info, "shards": whole, "done": done}
     return {"settings": settings, "splits": splits}
 
 
-def is_whole(out_dir: str, shard: dict) -> bool:
-    return shard_damage(os.path.join(out_dir, shard["file"]), shard) is None
+def whole_shards(out_dir: str, shards: list[dict]) -> list[dict]:
+    """The shards up to the first damaged one, which is named with what is wrong (each file is read once)."""
+    for i, shard in enumerate(shards):
+        reason = shard_damage(os.path.join(out_dir, shard["file"]), shard)
+        if reason:
+            later = len(shards) - i - 1
+            and_later = f", and the {later} after it" if later else ""
+            print(f"{shard['file']} is damaged ({reason}): writing it again{and_later}", flush=True)
+            return shards[:i]
+    return shards
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from gpt2lite.cli import InputError, Problems, first_line
-from gpt2lite.gpt2_files import HF_MODEL_NAMES
+from gpt2lite.gpt2_files import from_the_hub
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype's choices
 
@@ -52,7 +52,7 @@ def device_and_model(
     device = model = None
     with problems:
         device = pick_device(requested)
-    if not problems or init_from not in HF_MODEL_NAMES or os.path.isdir(init_from):
+    if not problems or not from_the_hub(init_from):
         with problems:
             model = load_model(init_from, device or "cpu")  # checked on the CPU where the device is the problem
     return device, model

@@ -106,6 +106,12 @@ def gpt2_bpe_files() -> tuple[str, str]:
 # --- weights in: OpenAI's checkpoints through Hugging Face transformers -----------------------------------------
 
 HF_MODEL_NAMES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+
+
+def from_the_hub(name_or_dir: str) -> bool:
+    """Whether loading this model may download it: a hub name, not a local folder of that name."""
+    return name_or_dir in HF_MODEL_NAMES and not os.path.isdir(name_or_dir)
+
 # Hugging Face's GPT-2 keeps its weights in Conv1D modules, (in, out), the transpose of nn.Linear's (out, in).
 HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Older transformers versions save the causal mask as buffers: constants, not weights, so they are skipped.

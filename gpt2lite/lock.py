@@ -98,9 +98,14 @@ def lock_problem(run_dir: str) -> str | None:
     trusted = flock_is_trusted(run_dir)
     if trusted and flock_held(path):
         return holder_line(run_dir, holder, now)
-    if not trusted and holder and now - holder.get("heartbeat", 0) < STALE_SECONDS and not is_mine(holder):
+    if not trusted and live_heartbeat(holder, now):
         return holder_line(run_dir, holder, now)
     return None
+
+
+def live_heartbeat(holder: dict, now: float) -> bool:
+    """Whether a heartbeat lock file's holder is another process that is still alive, by its heartbeat's age."""
+    return bool(holder) and not is_mine(holder) and now - holder.get("heartbeat", 0) < STALE_SECONDS
 
 
 def is_mine(holder: dict) -> bool:
@@ -139,9 +144,9 @@ class RunLock:
 
     def take_heartbeat(self, say):
         holder, now = read_holder(self.path), time.time()
+        if live_heartbeat(holder, now):
+            raise InputError(holder_line(self.run_dir, holder, now))
         if holder and not is_mine(holder):
-            if now - holder.get("heartbeat", 0) < STALE_SECONDS:
-                raise InputError(holder_line(self.run_dir, holder, now))
             say(
                 f"{self.run_dir}: taking over the lock of process {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, whose last heartbeat is {now - holder.get('heartbeat', 0):.0f} s old"

@@ -30,7 +30,7 @@ from gpt2lite.checkpoints import (
 from gpt2lite.cli import InputError, Problems
 from gpt2lite.devices import training_device
 from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples
-from gpt2lite.gpt2_files import HF_MODEL_NAMES
+from gpt2lite.gpt2_files import from_the_hub
 from gpt2lite.lock import RunLock, lock_problem, remove_leftovers
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
@@ -263,7 +263,7 @@ def check_inputs(
     if not bad_flags.keys() & {"batch_size", "seq_len", "total_batch_size"}:  # it divides by them
         with problems:
             grad_accum_steps = accumulation_steps(args, procs.world_size)
-    model_from_hub = checkpoint is None and args.init_from in HF_MODEL_NAMES and not os.path.isdir(args.init_from)
+    model_from_hub = checkpoint is None and from_the_hub(args.init_from)
     if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
         with problems:
             model, source = build_model(args, checkpoint)
