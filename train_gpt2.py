@@ -48,12 +48,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2lite import planning
 from gpt2lite.checkpoints import load_checkpoint, log_event, resume_hint, run_summary
-from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
+from gpt2lite.cli import ArgumentParser, InputError, check_sampling_args, first_line, run_cli
 from gpt2lite.cpu_decode import few_row_matmuls
 from gpt2lite.devices import PRECISIONS, compile_error, peak_flops
-from gpt2lite.evaluation import hellaswag_scores
 from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, copy_hf_weights, get_tokenizer, load_hf_model, save_hf_folder
-from gpt2lite.run import MODEL_FLAGS, Processes, Run, check_inputs, describe_run, make_run_dir, resume
+from gpt2lite.optimizers import JointOptimizer
+from gpt2lite.run import MODEL_FLAGS, Processes, Run, check_inputs, describe_run, make_run_dir, micro_batch, resume
 from gpt2lite.shards import checked_tokens, find_shards, load_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,23 +260,36 @@ class GPT(nn.Module):
 
     # --- Training -----------------------------------------------------------------------------------------------
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float) -> torch.optim.AdamW:
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, muon_lr: float | None = None):
         """AdamW with GPT-3's settings (appendix B): betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
 
         Only matrices and embeddings decay (every tensor of 2 or more dimensions): decay pulls weights toward zero
         to keep them small, which makes sense for the matrices that mix features, not for biases and LayerNorm
         gains, whose job is a plain offset or scale. The fused kernel updates all tensors in one launch per step.
+        With muon_lr, Muon takes the matrices inside the blocks, and AdamW the rest.
         """
-        params = list(self.parameters())  # lm_head.weight is wte.weight: parameters() lists it once
+        hidden = [p for block in self.transformer.h for p in block.parameters() if p.dim() == 2] if muon_lr else []
+        params = [p for p in self.parameters() if all(p is not h for h in hidden)]  # lm_head.weight is wte's: once
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         settings = dict(lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
         try:
-            return torch.optim.AdamW(groups, fused=True, **settings)
+            adamw = torch.optim.AdamW(groups, fused=True, **settings)
         except (RuntimeError, TypeError):  # no fused kernel for this device or torch version
-            return torch.optim.AdamW(groups, **settings)
+            adamw = torch.optim.AdamW(groups, **settings)
+        if not hidden:
+            return adamw
+        # Muon (Jordan et al. 2024) steps a matrix by its momentum made orthogonal: Newton-Schulz iterations set every
+        # singular value of the update to about 1 and keep its singular vectors, so all directions of the matrix move
+        # at one rate instead of a few dominant ones taking the step. That suits maps from one hidden space to
+        # another. The embedding is a table whose rows move a token at a time, the head is that same table, and
+        # biases and LayerNorm gains are vectors, with no singular vectors: AdamW keeps them. The schedule scales
+        # both rates (lr_scale, clip_and_step), and Muon's decay gives the pull toward zero per step of AdamW's.
+        muon_group = {"params": hidden, "lr_scale": muon_lr / learning_rate}
+        muon = torch.optim.Muon([muon_group], lr=muon_lr, weight_decay=weight_decay * learning_rate / muon_lr)
+        return JointOptimizer(muon, adamw)  # one optimizer to GradScaler: an fp16 overflow skips both
 
 
 def model_from_checkpoint(state: dict, path: str) -> GPT:
@@ -300,17 +313,6 @@ def load_model(init_from: str, device: str | torch.device = "cpu") -> GPT:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling: from the last logits to the next token, one token at a time through the KV cache
-
-
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None):
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def sample_next_token(
@@ -364,7 +366,7 @@ def stream(
     A seed makes the draw reproducible (a private torch.Generator: the global RNG is left alone).
     The model sees at most the last block_size tokens, for long prompts and long generations alike.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # one line for a bad setting (gpt2lite/cli.py)
     generator = torch.Generator(device=idx.device)
     if seed is None:
         generator.seed()  # fresh entropy, still without touching the global RNG
@@ -520,16 +522,25 @@ class DataLoader:
 # Training: one function per technique, each called by the training run below
 
 
-def get_lr(step: int, warmup_steps: int, max_steps: int, max_lr: float, min_lr: float) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps (GPT-3 section 2.3).
+def get_lr(
+    step: int, warmup_steps: int, max_steps: int, max_lr: float, min_lr: float, schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:  # fmt: skip
+    """Linear warmup to max_lr, then down to min_lr at max_steps: along a cosine (GPT-3 section 2.3), or for "wsd"
+    (warmup, stable, decay) flat at max_lr, then in a straight line over the last decay_fraction of the steps.
 
     Warmup keeps the first updates, made while Adam's moment estimates are still noise, from throwing the model
-    somewhere bad; the cosine spends most steps at a high rate and eases down for the end.
+    somewhere bad; the cosine spends most steps at a high rate and eases down for the end. WSD's flat part does not
+    depend on max_steps: a run resumed from it with a larger --max-steps decays at its new end, and a decay over the
+    last 20% of the steps matches a cosine of the same length (Hägele et al. 2024).
     """
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already gets a small, non-zero rate
     if step >= max_steps:
         return min_lr
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * max_steps))
+        return min_lr + (max_lr - min_lr) * min(1.0, (max_steps - step) / decay_steps)
     progress = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
@@ -598,7 +609,7 @@ def accumulate_gradients(
 def clip_and_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, scaler, lr: float, grad_clip: float
 ) -> tuple[torch.Tensor, bool]:
-    """Clip the gradient norm and take an AdamW step at this learning rate; returns (norm, skipped).
+    """Clip the gradient norm and take an optimizer step at this learning rate; returns (norm, skipped).
 
     With fp16 the gradients are still multiplied by the loss scale here: unscale them first, so that the norm we
     log and clip is the true one (fp16 runs that skip this log norms in the tens of thousands: scaled gradients).
@@ -606,7 +617,7 @@ def clip_and_step(
     the weights far. GradScaler skips the step if any gradient overflowed, and lowers the scale.
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: --muon-lr / --max-lr (configure_optimizers)
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scale = scaler.get_scale()
@@ -718,14 +729,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--vocab-size", type=int, default=50304, help="50,257 padded to a multiple of 64: faster")
     add("--dropout", type=float, default=0.0, help="dropout probability (regularisation)")
     # batch
-    add("--batch-size", type=int, default=4, help="micro batch: sequences per forward pass")
+    add("--batch-size", type=micro_batch, default="auto", help="micro batch (auto: most that fit a GPU, 4 on CPU)")
     add("--seq-len", type=int, default=1024, help="tokens per sequence")
     add("--total-batch-size", type=int, default=65536, help="tokens per step (4 x 1024 x 16 accumulation steps)")
     # optimization
     add("--max-steps", type=int, default=40000, help="optimizer steps")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of --max-steps, at most 2,000)")
-    add("--max-lr", type=float, default=6e-4, help="peak learning rate")
-    add("--min-lr", type=float, default=6e-5, help="final learning rate of the cosine decay")
+    add("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' matrices")
+    add("--max-lr", type=float, default=6e-4, help="peak learning rate (AdamW's)")
+    add("--muon-lr", type=float, default=0.02, help="Muon's peak learning rate (--optimizer muon)")
+    add("--min-lr", type=float, default=6e-5, help="final learning rate, AdamW's (Muon's in proportion)")
+    add("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine, or flat then linear")
+    add("--decay-fraction", type=float, default=0.2, help="wsd: share of --max-steps spent decaying to --min-lr")
     add("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     # evaluation, sampling, checkpoints
@@ -776,7 +791,10 @@ def prepare_model(run: Run):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on TF32 tensor cores: ~8x, 10 mantissa bits
         torch.backends.cudnn.allow_tf32 = True
-    run.optimizer = run.raw_model.configure_optimizers(run.args.weight_decay, run.args.max_lr)
+    muon_lr = run.args.muon_lr if run.args.optimizer == "muon" else None
+    run.optimizer = run.raw_model.configure_optimizers(run.args.weight_decay, run.args.max_lr, muon_lr)
+    if run.args.batch_size == "auto":  # CUDA: the largest micro batch that fits, now the model is on the GPU
+        planning.fit_micro_batch(run)
     run.model, run.compiled = wrap_model(run)
     torch.manual_seed(run.args.seed + run.rank)  # dropout differs between processes
     run.flops_per_token = flops_per_token(run.raw_model.config, run.args.seq_len)
@@ -818,17 +836,6 @@ def validate(run: Run, step: int) -> bool:
     return False
 
 
-def log_hellaswag(run: Run, step: int):
-    # the uncompiled model: every batch has its own length, which would make torch.compile recompile
-    scores = hellaswag_scores(run.raw_model, run.hellaswag, run.device, run.autocast)
-    run.say(
-        f"step {step}/{run.args.max_steps} | hellaswag acc_norm {scores['acc_norm']:.4f} | "
-        f"acc {scores['acc']:.4f} | {scores['examples']:,} examples"
-    )
-    if run.master:
-        log_event(run.args.run_dir, step=step, split="hellaswag", **scores)
-
-
 def log_sample(run: Run, step: int):
     """48 tokens after <|endoftext|>, top-k 50, the same seed every time: how the model's text changes."""
     run.raw_model.eval()
@@ -856,7 +863,7 @@ def train_step(run: Run, step: int) -> StepResult:
     loss = accumulate_gradients(run.model, run.train_loader, run.grad_accum_steps, run.autocast, run.scaler, run.device)
     if run.world_size > 1:
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the logged loss is the whole batch's
-    lr = get_lr(step, args.warmup_steps, args.max_steps, args.max_lr, args.min_lr)
+    lr = get_lr(step, args.warmup_steps, args.max_steps, args.max_lr, args.min_lr, args.schedule, args.decay_fraction)
     norm, skipped = clip_and_step(run.model, run.optimizer, run.scaler, lr, args.grad_clip)
     loss_value, norm_value = loss.item(), norm.item()  # waits for the GPU, so the clock below is honest
     return StepResult(loss_value, lr, norm_value, skipped, time.perf_counter() - t0)
@@ -903,7 +910,7 @@ def train(args: argparse.Namespace, given: set[str], procs: Processes):
                 stopped_early = True
                 break
             if run.hellaswag and (last or due(step, args.hellaswag_interval)):
-                log_hellaswag(run, step)
+                run.log_hellaswag(step)
             if run.master and args.sample_interval and (last or due(step, args.sample_interval)):
                 log_sample(run, step)
             if last:

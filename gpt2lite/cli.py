@@ -54,6 +54,18 @@ class Problems:
             raise InputError("\n".join(self.lines))
 
 
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None):
+    """Sampling's settings (train_gpt2.stream), each out of its range with one line."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 

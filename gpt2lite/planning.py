@@ -19,8 +19,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gpt2lite.checkpoints import checkpoint_size, step_checkpoints
-from gpt2lite.cli import duration
+from gpt2lite.cli import InputError, duration
 from gpt2lite.devices import PRECISIONS
+from gpt2lite.optimizers import unallocated_state_bytes
+from gpt2lite.run import accumulation_steps, make_loader
 
 # Hoffmann et al. 2022 ("Chinchilla"): about 20 training tokens per parameter is compute-optimal
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20
@@ -220,27 +222,89 @@ def attention_kernel(config, batch_size: int, seq_len: int, dtype: torch.dtype, 
     return names.get(backend.name, backend.name)
 
 
-def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len: int, sequences_per_step: int) -> int:
-    """The largest power-of-two micro batch that divides a step's sequences and whose forward and backward fit this
-    GPU beside what the run holds already (weights, the optimizer's state), at its sequence length and precision.
-    Tried on the eager model: a compiled step takes less memory, so what fits here fits the run."""
+def memory_budget(device: str) -> int:
+    """The bytes a micro batch may bring this process to: MEMORY_WARNING_SHARE of what PyTorch may allocate here,
+    the card's memory within any per-process cap (torch.cuda.set_per_process_memory_fraction) and beside what
+    other processes hold."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # torch 2.8+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(MEMORY_WARNING_SHARE * min(total * fraction, free + torch.cuda.memory_reserved(device)))
+
+
+def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool]) -> int:
+    """The largest micro batch of 1, 2, 4, ... sequences that divides a step's sequences and fits (0 if none does),
+    trying each in turn until one does not."""
     largest, batch = 0, 1
-    while batch <= sequences_per_step and sequences_per_step % batch == 0:
+    while batch <= sequences_per_step and sequences_per_step % batch == 0 and fits(batch):
+        largest, batch = batch, batch * 2
+    return largest
+
+
+def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len: int, sequences_per_step: int,
+                        reserve_bytes: int = 0) -> int:  # fmt: skip
+    """The largest power-of-two micro batch that divides a step's sequences and whose forward and backward fit this
+    GPU's memory budget, with its headroom, beside what the run holds already (weights, gradients) and reserve_bytes
+    held aside for what it will hold (the optimizer's state, allocated at its first step), at the run's sequence
+    length and precision. Tried on the eager model: a compiled step takes less memory, so what fits here fits the
+    run."""
+    budget = memory_budget(device)
+
+    def fits(batch: int) -> bool:
         x = loss = None
         try:
+            torch.cuda.reset_peak_memory_stats(device)
             x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)  # (B, T)
             with autocast():
                 _, loss = model(x, x)
             scaler.scale(loss).backward()
             torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_reserved(device) <= budget
         except torch.cuda.OutOfMemoryError:
-            break
+            return False
         finally:
             x = loss = None  # free the batch's activations before the next, larger one
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-        largest, batch = batch, batch * 2
+
+    try:
+        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)  # held while the batches are tried
+    except torch.cuda.OutOfMemoryError:
+        return 0
+    largest = largest_power_of_two(sequences_per_step, fits)
+    del reserve
+    torch.cuda.empty_cache()
     return largest
+
+
+def fit_micro_batch(run):
+    """--batch-size auto on CUDA: the largest micro batch that fits (largest_micro_batch, with the optimizer's state
+    still to come held aside), the same on every process (the smallest any of them found); the loaders and the
+    accumulation steps follow, so --total-batch-size, and the gradient, stay as they are."""
+    args = run.args
+    sequences_per_step = args.total_batch_size // (args.seq_len * run.world_size)  # one process's share of a step
+    reserve = unallocated_state_bytes(run.optimizer)
+    if run.world_size > 1:  # DDP's gradient buckets, a copy of the gradients
+        reserve += sum(p.numel() * p.element_size() for p in run.raw_model.parameters())
+    found = torch.tensor(largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, args.seq_len,
+                                             sequences_per_step, reserve), device=run.device)  # fmt: skip
+    if run.world_size > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    budget = f"{gib(memory_budget(run.device))} of the {torch.cuda.get_device_name(run.device)}"
+    if found.item() == 0:
+        raise InputError(
+            f"--batch-size auto: not even one sequence of --seq-len {args.seq_len} fits {budget} beside the model and "
+            "its optimizer: lower --seq-len, or train a smaller model"
+        )
+    args.batch_size = int(found.item())  # saved with the run's settings: a resume keeps it
+    loader = type(run.train_loader)
+    run.train_loader = make_loader(loader, args, run.procs, "train", args.batch_size)
+    run.val_loader = make_loader(loader, args, run.procs, "val", args.batch_size)
+    run.grad_accum_steps = accumulation_steps(args, args.batch_size, run.world_size)
+    run.say(
+        f"--batch-size auto: {args.batch_size} x {args.seq_len}, the largest power of two that divides a step's "
+        f"{sequences_per_step} sequences and fits {budget}"
+    )
 
 
 # --- measuring the run: the chapter's own step, timed ----------------------------------------------------------
@@ -281,7 +345,7 @@ def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], obje
         memory = torch.cuda.get_device_properties(run.device).total_memory
         sequences_per_step = args.batch_size * run.grad_accum_steps  # one process's share of a step
         largest = largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, args.seq_len,
-                                      sequences_per_step)  # fmt: skip
+                                      sequences_per_step, unallocated_state_bytes(run.optimizer))  # fmt: skip
     else:
         device, memory, largest = run.device, physical_memory_bytes(), None
     facts = Facts(

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from gpt2lite.checkpoints import (
     checkpoint_path,
+    log_event,
     open_run,
     rng_states,
     rotate_checkpoints,
@@ -29,11 +30,18 @@ from gpt2lite.checkpoints import (
 )
 from gpt2lite.cli import InputError, Problems
 from gpt2lite.devices import training_device
-from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples
+from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples, hellaswag_scores
 from gpt2lite.gpt2_files import from_the_hub
 from gpt2lite.lock import RunLock, lock_problem, remove_leftovers
+from gpt2lite.optimizers import MUON_TORCH, members, muon_available
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
+SEED_MICRO_BATCH = 4  # the seed's 4 x 1,024, and what --batch-size auto means off CUDA, where nothing is measured
+
+
+def micro_batch(text: str) -> int | str:
+    """--batch-size: a number of sequences, or auto (resolved by check_inputs, or on CUDA by fit_micro_batch)."""
+    return text if text == "auto" else int(text)
 
 
 class Processes(NamedTuple):
@@ -128,6 +136,17 @@ class Run:
         if os.path.basename(path) != "best.pt":
             self.last_checkpoint = path
 
+    def log_hellaswag(self, step: int):
+        """HellaSwag's accuracies, printed and logged."""
+        # the uncompiled model: every batch has its own length, which would make torch.compile recompile
+        scores = hellaswag_scores(self.raw_model, self.hellaswag, self.device, self.autocast)
+        self.say(
+            f"step {step}/{self.args.max_steps} | hellaswag acc_norm {scores['acc_norm']:.4f} | "
+            f"acc {scores['acc']:.4f} | {scores['examples']:,} examples"
+        )
+        if self.master:
+            log_event(self.args.run_dir, step=step, split="hellaswag", **scores)
+
     def keep_checkpoint(self, step: int):
         """The step's checkpoint; of the periodic ones, only the newest --keep-last stay."""
         self.save(checkpoint_path(self.args.run_dir, step), step)
@@ -147,16 +166,21 @@ def out_of_range(args: argparse.Namespace) -> dict[str, str]:
     found = {}
     for name in at_least_one + not_negative:
         value, least = getattr(args, name), 1 if name in at_least_one else 0
-        if value is not None and value < least:
+        if isinstance(value, (int, float)) and value < least:  # None: a default still to work out; or auto
             rule = "be at least 1" if least else "not be negative"
             found[name] = f"--{name.replace('_', '-')} must {rule}, got {value}"
     if not 0 <= args.dropout < 1:
         found["dropout"] = f"--dropout must be in [0, 1), got {args.dropout}"
+    if not args.muon_lr > 0:
+        found["muon_lr"] = f"--muon-lr must be positive, got {args.muon_lr}"
+    if not 0 < args.decay_fraction <= 1:
+        found["decay_fraction"] = f"--decay-fraction must be in (0, 1], got {args.decay_fraction}"
     return found
 
 
 def check_schedule(args: argparse.Namespace):
-    """Settings that must agree with each other; checked once a resumed run's own settings are back in place."""
+    """Settings that must agree with each other and with this torch; checked once a resumed run's own settings are
+    back in place."""
     problems = Problems()
     if args.warmup_steps is None:  # resolved once: a resumed run keeps the warmup it started with
         args.warmup_steps = min(2000, args.max_steps // 20)
@@ -164,17 +188,31 @@ def check_schedule(args: argparse.Namespace):
         problems.add(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
     if not 0 < args.min_lr <= args.max_lr:
         problems.add(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+    decay_steps = round(args.decay_fraction * args.max_steps)
+    if args.schedule == "wsd" and args.warmup_steps + decay_steps > args.max_steps:
+        problems.add(f"--schedule wsd: --warmup-steps {args.warmup_steps} and the decay's {decay_steps} steps "
+                     f"(--decay-fraction {args.decay_fraction}) add up to more than --max-steps {args.max_steps}")
+    if args.optimizer == "muon" and not muon_available():
+        problems.add(f"--optimizer muon needs torch {MUON_TORCH} or newer (torch.optim.Muon), and this is torch "
+                     f"{torch.__version__}: pip install 'torch>={MUON_TORCH}', or use --optimizer adamw")  # fmt: skip
     problems.raise_any()
 
 
-def accumulation_steps(args: argparse.Namespace, world_size: int) -> int:
-    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
+def accumulation_steps(args: argparse.Namespace, batch_size: int, world_size: int) -> int:
+    tokens_per_micro_step = batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise InputError(
             f"--total-batch-size {args.total_batch_size:,} is not a multiple of batch-size x seq-len x processes "
-            f"= {args.batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
+            f"= {batch_size} x {args.seq_len} x {world_size} = {tokens_per_micro_step:,}"
         )
     return args.total_batch_size // tokens_per_micro_step
+
+
+def make_loader(loader: type, args: argparse.Namespace, procs: Processes, split: str, batch_size: int):
+    """The split's DataLoader, of the chapter's class: the train split's shuffled by --seed, the val split's read in
+    order (validation spreads its windows, and needs no seed)."""
+    seed = [args.seed] if split == "train" else []
+    return loader(args.data_dir, split, batch_size, args.seq_len, procs.rank, procs.world_size, *seed)
 
 
 def open_run_dir(
@@ -192,9 +230,13 @@ def open_run_dir(
         if args.resume:  # without the run's own settings, the other checks would check the wrong ones
             problems.raise_any()
         return None, None
-    for name, value in (checkpoint or {}).get("args", {}).items():
+    saved = (checkpoint or {}).get("args", {})
+    for name, value in saved.items():
         if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
             setattr(args, name, value)
+    if checkpoint is not None and args.optimizer != saved.get("optimizer", "adamw"):  # AdamW before Muon came
+        problems.add(f"--optimizer {args.optimizer} differs from {path}'s {saved.get('optimizer', 'adamw')}, whose "
+                     "state the checkpoint holds: drop the flag, or start a new --run-dir")  # fmt: skip
     if checkpoint is not None and checkpoint["step"] > args.max_steps:
         problems.add(f"{path} is at step {checkpoint['step']}, past --max-steps {args.max_steps}: "
                      "give a larger --max-steps to continue the run")  # fmt: skip
@@ -235,7 +277,7 @@ def check_inputs(
     where its weights come from)."""
     problems, bad_flags = Problems(), out_of_range(args)
     problems.add(*bad_flags.values())
-    device = precision = why = train_loader = val_loader = grad_accum_steps = model = None
+    device = precision = why = grad_accum_steps = model = None
     with problems:
         device = training_device(args.device, procs.local_rank, procs.world_size)
     say = functools.partial(print, flush=True) if procs.rank == 0 else (lambda *parts: None)
@@ -253,16 +295,19 @@ def check_inputs(
     if device:
         with problems:
             precision, why = choose_precision(device, args.dtype)
+    if args.batch_size == "auto" and not (device and torch.device(device).type == "cuda"):
+        args.batch_size = SEED_MICRO_BATCH
+    # auto on CUDA: checked at one sequence here, measured once the model is on the GPU (fit_micro_batch)
+    batch_size = 1 if args.batch_size == "auto" else args.batch_size
+    train_loader = val_loader = None
     if "seed" not in bad_flags:  # it orders the windows
         with problems:
-            train_loader = loader(
-                args.data_dir, "train", args.batch_size, args.seq_len, procs.rank, procs.world_size, args.seed
-            )
+            train_loader = make_loader(loader, args, procs, "train", batch_size)
     with problems:
-        val_loader = loader(args.data_dir, "val", args.batch_size, args.seq_len, procs.rank, procs.world_size)
+        val_loader = make_loader(loader, args, procs, "val", batch_size)
     if not bad_flags.keys() & {"batch_size", "seq_len", "total_batch_size"}:  # it divides by them
         with problems:
-            grad_accum_steps = accumulation_steps(args, procs.world_size)
+            grad_accum_steps = accumulation_steps(args, batch_size, procs.world_size)
     model_from_hub = checkpoint is None and from_the_hub(args.init_from)
     if not bad_flags.keys() & {*MODEL_FLAGS, "seq_len"} and (not model_from_hub or not problems):
         with problems:
@@ -311,7 +356,10 @@ def resume(run: Run):
     them (the weights are in already: build_model took them); the log loses the events past that step."""
     checkpoint = run.checkpoint
     if checkpoint is not None:
+        chosen = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
         run.optimizer.load_state_dict(checkpoint["optimizer"])  # onto the parameters' device
+        for group, settings in zip(run.optimizer.param_groups, chosen):
+            group.update(settings)  # this run's settings (a --weight-decay or --muon-lr given), the saved state
         if checkpoint["scaler"]:  # empty when it was saved disabled: a run moved from bf16 or fp32 to fp16
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.train_loader.load_state_dict(checkpoint["train_loader"])
@@ -327,9 +375,13 @@ def resume(run: Run):
 
 def describe_run(run: Run):
     """What the run chose, printed before its first step."""
-    args, model, optimizer = run.args, run.raw_model, run.optimizer
-    decayed, not_decayed = (group["params"] for group in optimizer.param_groups)
+    args, model, *muon, adamw = run.args, run.raw_model, *members(run.optimizer)
+    decayed, not_decayed = (group["params"] for group in adamw.param_groups)
     run.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
+    if muon:
+        matrices = [p for group in muon[0].param_groups for p in group["params"]]
+        run.say(f"Muon on the blocks' {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters), "
+                f"peak lr {args.muon_lr:g}; AdamW on the rest, peak lr {args.max_lr:g}")  # fmt: skip
     run.say(
         f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
         f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
@@ -337,7 +389,7 @@ def describe_run(run: Run):
     run.say(
         f"device {run.device} x {run.world_size} process(es) | precision {run.precision} ({run.why}) | "
         f"compile {run.compiled} | "
-        f"fused AdamW {bool(optimizer.defaults.get('fused'))}"
+        f"fused AdamW {bool(adamw.defaults.get('fused'))}"
     )
     run.say(
         f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {run.world_size} process(es) "

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import TINY_RUN, logged_events, run_train, small_shards
+from test_train import NEEDS_MUON, OPTIMIZERS, TINY_RUN, logged_events, run_train, small_shards
 
 import train_gpt2
 from conftest import REPO
@@ -36,10 +36,12 @@ def snapshot(folder: Path) -> dict:
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_the_plan_writes_nothing_and_its_arithmetic_is_exact(data, tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_plan_writes_nothing_and_its_arithmetic_is_exact(data, tmp_path, capsys, optimizer):
     before = snapshot(data)
     run_dir = tmp_path / "run"
-    result, out = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir), "--keep-last", "2")
+    settings = [*SETTINGS, *optimizer]
+    result, out = plan(capsys, *settings, "--data-dir", str(data), "--run-dir", str(run_dir), "--keep-last", "2")
     assert not run_dir.exists() and snapshot(data) == before, "a plan writes nothing"
     manifest = json.loads((data / "manifest.json").read_text())
     train_tokens = manifest["splits"]["train"]["tokens"]
@@ -56,10 +58,22 @@ def test_the_plan_writes_nothing_and_its_arithmetic_is_exact(data, tmp_path, cap
         assert planning.evaluations(start, end, interval) == loop
 
     # disk at the peak: --keep-last 2 checkpoints, the next being written, best.pt, each the size of the run's own
-    assert run_train(*SETTINGS, "--data-dir", str(data), "--run-dir", str(run_dir)).returncode == 0
+    assert run_train(*settings, "--data-dir", str(data), "--run-dir", str(run_dir)).returncode == 0
     real = (run_dir / "ckpt_000008.pt").stat().st_size
     # the pickled integers (step, data position) may take a byte more or less than at the plan's step 0
     assert result["checkpoint_bytes"] == pytest.approx(4 * real, abs=4 * 64)
+
+
+@NEEDS_MUON
+def test_muons_one_momentum_buffer_makes_a_smaller_checkpoint_than_adams_two_moments(data, tmp_path, capsys):
+    plans = {}
+    for name in ("adamw", "muon"):
+        plans[name], _ = plan(capsys, *SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path), "--optimizer",
+                              name)  # fmt: skip
+    matrices = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 4 * 64 * 64)  # c_attn, c_proj, c_fc, the MLP's c_proj; 2 blocks
+    files = 5  # --keep-last 3, the next being written, best.pt
+    saved = plans["adamw"]["checkpoint_bytes"] - plans["muon"]["checkpoint_bytes"]
+    assert saved == pytest.approx(files * 4 * matrices, rel=0.01), "one fp32 buffer fewer per matrix parameter"
 
 
 def test_the_measured_step_is_of_the_order_of_the_steps_a_run_logs(data, tmp_path):

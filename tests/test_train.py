@@ -47,6 +47,10 @@ def no_scaler() -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", enabled=False)
 
 
+NEEDS_MUON = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9")
+OPTIMIZERS = [pytest.param([], id="adamw"), pytest.param(["--optimizer", "muon"], id="muon", marks=NEEDS_MUON)]
+
+
 # --- the pieces -----------------------------------------------------------------------------------------------
 
 
@@ -96,7 +100,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         assert (p.grad - big[name]).norm() <= 1e-5 * big[name].norm(), name
 
 
-def test_fp16_with_grad_scaler_reports_the_true_norm():
+@pytest.mark.parametrize("muon_lr", [None, pytest.param(0.02, marks=NEEDS_MUON)], ids=["adamw", "muon"])
+def test_fp16_with_grad_scaler_reports_the_true_norm(muon_lr):
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=64))
     tokens = torch.randint(0, 64, (4, 17))
@@ -104,7 +109,7 @@ def test_fp16_with_grad_scaler_reports_the_true_norm():
     norms = {}
     for precision in ("fp32", "fp16"):
         copy_ = copy.deepcopy(model)
-        optimizer = copy_.configure_optimizers(0.1, 1e-3)
+        optimizer = copy_.configure_optimizers(0.1, 1e-3, muon_lr)
         scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
         accumulate_gradients(copy_, FixedBatches([batch]), 1, autocast_for("cpu", precision), scaler, "cpu")
         norms[precision], skipped = clip_and_step(copy_, optimizer, scaler, 1e-3, grad_clip=1.0)
@@ -231,9 +236,10 @@ def test_tiny_run_on_real_text_learns_logs_checkpoints_and_samples(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_data):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_data, optimizer):
     settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "24", "--eval-interval", "8",
-                "--ckpt-interval", "6", "--sample-interval", "0", "--dropout", "0.1"]  # fmt: skip
+                "--ckpt-interval", "6", "--sample-interval", "0", "--dropout", "0.1", *optimizer]  # fmt: skip
     straight = run_train(*settings, "--run-dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
@@ -254,12 +260,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, small_dat
     assert re.fullmatch(r"  wall time: .* since the resume at step 1[28], .*", summary[4]), summary[4]
 
 
-def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_path, small_data):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_path, small_data, optimizer):
     hellaswag_fixture(tmp_path / "hellaswag.jsonl", n=7)  # 4 examples on one process, 3 on the other
     # 3 validation batches of 4 windows: under DDP, 8 windows a batch, and rank 1's half of the second is padding
     settings = [*TINY_RUN, "--data-dir", str(small_data), "--max-steps", "6", "--eval-interval", "3",
                 "--eval-steps", "3", "--sample-interval", "0", "--ckpt-interval", "0", "--hellaswag-interval", "3",
-                "--hellaswag-data", str(tmp_path / "hellaswag.jsonl")]  # fmt: skip
+                "--hellaswag-data", str(tmp_path / "hellaswag.jsonl"), *optimizer]  # fmt: skip
     single = run_train(*settings, "--run-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -602,12 +609,13 @@ def test_a_resume_reads_its_checkpoint_on_the_cpu(tmp_path, small_data, monkeypa
     assert mapped_to == ["cpu"]
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("first, then", [("fp32", "fp16"), ("fp16", "fp32")])
-def test_a_run_resumes_in_another_precision(tmp_path, small_data, capsys, first, then):
+def test_a_run_resumes_in_another_precision(tmp_path, small_data, capsys, first, then, optimizer):
     """A Colab run moves between a T4 (fp16 + GradScaler) and an L4 or A100 (bf16, no scaler): a disabled
     GradScaler saves an empty state, which an enabled one must not be asked to load."""
     run = tmp_path / "run"
-    train_gpt2.main(tiny_run_args(small_data, run, 4, "--dtype", first))
+    train_gpt2.main(tiny_run_args(small_data, run, 4, "--dtype", first, *optimizer))
     assert bool(torch.load(run / "ckpt_000004.pt", weights_only=True)["scaler"]) == (first == "fp16")
     capsys.readouterr()
     train_gpt2.main(["--resume", "--run-dir", str(run), "--max-steps", "6", "--dtype", then])
