@@ -453,6 +453,192 @@ def hf_example_losses(hf_model, pairs: list[tuple[list[int], list[int]]], device
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# recipe: the validation loss at equal tokens of the seed's recipe, AdamW with WSD, and Muon beside AdamW with WSD
+
+
+RECIPE_SIZES = {"4 layers, width 256": (4, 4, 256), "6 layers, width 384": (6, 6, 384)}  # layers, heads, width
+RECIPE_VOCAB = 8192  # the 8,191 commonest GPT-2 tokens of the training text, and one id for every other token
+RECIPE_B, RECIPE_T = 8, 128  # 1,024 tokens a step
+RECIPE_SEEDS = (0, 1)
+ADAMW_GRID = (1, 2, 4)  # times the seed's rate for the size
+MUON_GRID = (0.01, 0.02, 0.04)
+EVALUATIONS = 10  # validation losses along a run, at even steps, besides step 0's
+EVAL_WINDOWS = 96  # held-out windows of 128 tokens, spread over the validation text: the same for every run
+
+
+def seed_lr(width: int) -> float:
+    """The seed's AdamW peak, 6e-4 at GPT-2's width 768, scaled as 1/width for a narrower model (fixed before any run
+    of this bench: nothing here is tuned to its results)."""
+    return 6e-4 * 768 / width
+
+
+def recipe_shards(folder: str) -> str:
+    """The bench's token shards in folder, and what they hold. Each text's first 90% (cut at a line) is training text,
+    its last 10% held out. GPT-2's tokens are renumbered by how often the training text uses them, the commonest
+    8,191 kept and the rest one shared id: a 50,257-row embedding would be 80% of a width-256 model and most of its
+    work, where GPT-2 124M's is 31%, so the bench would mostly time how fast AdamW learns an embedding."""
+    enc = get_tokenizer()
+    if SHARED_DATA.is_dir():
+        lambada = (SHARED_DATA / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+        texts = [(SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(),
+                 (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text(),
+                 "\n\n".join(json.loads(line)["text"] for line in lambada)]  # fmt: skip
+        made_of = "WikiText-2 valid, Tiny Shakespeare and LAMBADA"
+    else:  # a clone from GitHub: generated text
+        texts = ["\n".join(generated_texts(3000, 20, 200, seed=4))]
+        made_of = "generated text (no real text beside the clone)"
+    splits = {"train": [], "val": []}
+    for text in texts:
+        cut = text.rfind("\n", 0, int(0.9 * len(text))) + 1
+        splits["train"] += [EOT_TOKEN, *enc.encode_ordinary(text[:cut])]
+        splits["val"] += [EOT_TOKEN, *enc.encode_ordinary(text[cut:])]
+    counts = np.bincount(splits["train"], minlength=enc.n_vocab)
+    renumber = np.full(enc.n_vocab, RECIPE_VOCAB - 1, dtype=np.int64)
+    renumber[np.argsort(-counts, kind="stable")[: RECIPE_VOCAB - 1]] = np.arange(RECIPE_VOCAB - 1)
+    for split, tokens in splits.items():
+        with open(os.path.join(folder, f"recipe_{split}_000000.bin"), "wb") as f:
+            f.write(shard_bytes(renumber[np.array(tokens)]))
+    kept = np.sort(counts)[::-1][: RECIPE_VOCAB - 1].sum() / counts.sum()
+    return (f"{made_of}: {len(splits['train']):,} training tokens, {len(splits['val']):,} held out; the 8,191 "
+            f"commonest tokens are {kept:.1%} of the training text")  # fmt: skip
+
+
+def recipe_run(data_dir: str, layers: int, heads: int, width: int, steps: int, seed: int, max_lr: float,
+               schedule: str, muon_lr: float | None = None) -> list[float]:  # fmt: skip
+    """One run of train_gpt2.py's own pieces (its model, loader, schedule, optimizers, step and validation) at fp32 on
+    the CPU, without checkpoints: the validation loss at step 0 and at EVALUATIONS even steps after it. The seed's
+    settings otherwise: warmup 5% of the steps, min lr a tenth of the peak, weight decay 0.1, clipping at 1."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=RECIPE_T, vocab_size=RECIPE_VOCAB, n_layer=layers, n_head=heads, n_embd=width))
+    optimizer = model.configure_optimizers(0.1, max_lr, muon_lr)
+    train = DataLoader(data_dir, "train", RECIPE_B, RECIPE_T, seed=seed)
+    val = DataLoader(data_dir, "val", RECIPE_B, RECIPE_T)
+    scaler, fp32 = torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext
+    curve = []
+    for step in range(steps + 1):
+        if step % (steps // EVALUATIONS) == 0:
+            curve.append(train_gpt2.estimate_loss(model, val, EVAL_WINDOWS // RECIPE_B, fp32, "cpu"))
+        if step < steps:
+            train_gpt2.accumulate_gradients(model, train, 1, fp32, scaler, "cpu")
+            lr = train_gpt2.get_lr(step, steps // 20, steps, max_lr, max_lr / 10, schedule)
+            train_gpt2.clip_and_step(model, optimizer, scaler, lr, 1.0)
+    return curve
+
+
+def tokens_to_reach(curve: list[float], target: float, tokens_between: int) -> float | None:
+    """The tokens at which a validation curve first reaches target, interpolated between its evaluations."""
+    for i in range(1, len(curve)):
+        if curve[i] <= target:
+            return tokens_between * (i - 1 + (curve[i - 1] - target) / (curve[i - 1] - curve[i]))
+    return None
+
+
+def bench_recipe(args: argparse.Namespace):
+    """Three recipes on small GPT-2s, at equal tokens read once: (1) the seed's, AdamW at its rate for the size with
+    the cosine; (2) AdamW with WSD at the best of three rates; (3) Muon for the blocks' matrices beside (2)'s AdamW,
+    with WSD, at the best of three Muon rates. The best rate is the lowest final validation loss of seed 0; then
+    seed 1 runs each recipe's chosen rate. Figures: the validation loss at equal tokens and the tokens each recipe
+    needs to reach recipe 1's final loss (mean over its seeds), each seed's; and a PNG of the curves."""
+    steps, tokens_per_step = args.recipe_steps, RECIPE_B * RECIPE_T
+    tokens_between = steps // EVALUATIONS * tokens_per_step
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as data_dir:
+        what = recipe_shards(data_dir)
+        print(f"\n## recipe: validation loss at equal tokens, {steps} steps of {tokens_per_step:,} tokens "
+              f"({steps * tokens_per_step:,} in all), fp32 ({cpu_name()}, {torch.get_num_threads()} threads)\n")
+        print(f"{what}.\n")
+        results = {name: recipe_size(data_dir, *shape, steps) for name, shape in RECIPE_SIZES.items()}
+    for name, runs in results.items():
+        print_recipe_table(name, runs, tokens_between, steps * tokens_per_step)
+    plot_recipes(results, tokens_between, args.recipe_png)
+    print(f"\n{sum(len(runs) for runs in results.values())} runs in {(time.perf_counter() - started) / 60:.0f} "
+          f"minutes; the curves: {args.recipe_png}")
+
+
+def recipe_size(data_dir: str, layers: int, heads: int, width: int, steps: int) -> dict[tuple, list[float]]:
+    """Every run of one model size: {(recipe, rate, seed): validation curve}, the grids on seed 0, then seed 1 at
+    each recipe's chosen rate."""
+    base = seed_lr(width)
+    runs = {}
+
+    def run(recipe: str, rate: float, seed: int):
+        t0 = time.perf_counter()
+        if recipe == "3":
+            adamw_lr = chosen(runs, "2")
+            curve = recipe_run(data_dir, layers, heads, width, steps, seed, adamw_lr, "wsd", muon_lr=rate)
+        else:
+            curve = recipe_run(data_dir, layers, heads, width, steps, seed, rate, "wsd" if recipe == "2" else "cosine")
+        runs[recipe, rate, seed] = curve
+        print(f"  {layers} x {width}, recipe {recipe}, rate {rate:g}, seed {seed}: final validation loss "
+              f"{curve[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+
+    run("1", base, 0)
+    for multiple in ADAMW_GRID:
+        run("2", multiple * base, 0)
+    for muon_lr in MUON_GRID:
+        run("3", muon_lr, 0)
+    for recipe in ("1", "2", "3"):
+        run(recipe, chosen(runs, recipe), 1)
+    return runs
+
+
+def chosen(runs: dict[tuple, list[float]], recipe: str) -> float:
+    """A recipe's rate with the lowest final validation loss on seed 0."""
+    return min((curve[-1], rate) for (r, rate, seed), curve in runs.items() if r == recipe and seed == 0)[1]
+
+
+RECIPES = {"1": "seed's: AdamW, cosine", "2": "AdamW, WSD", "3": "Muon + AdamW, WSD"}
+
+
+def print_recipe_table(name: str, runs: dict[tuple, list[float]], tokens_between: int, total_tokens: int):
+    """The size's grid, then each recipe at its chosen rate: the final loss of each seed, and the tokens it took to
+    reach recipe 1's final loss, as a share of recipe 1's tokens."""
+    print(f"\n### {name}\n")
+    print("| recipe | rate | seed 0: final validation loss |\n| --- | ---: | ---: |")
+    for (recipe, rate, seed), curve in runs.items():
+        if seed == 0:
+            print(f"| {recipe}. {RECIPES[recipe]} | {rate:g} | {curve[-1]:.4f} |")
+    final = {r: [runs[r, chosen(runs, r), seed][-1] for seed in RECIPE_SEEDS] for r in RECIPES}
+    target = statistics.mean(final["1"])
+    spread = abs(final["1"][0] - final["1"][1])
+    print(f"\nrecipe 1's final loss, mean of seeds: {target:.4f}; its seeds differ by {spread:.4f}\n")
+    print("| recipe | rate | final loss, seeds 0 / 1 | mean | vs recipe 1 | tokens to reach recipe 1's final loss, "
+          "seeds 0 / 1 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for recipe in RECIPES:
+        rate = chosen(runs, recipe)
+        reach = [tokens_to_reach(runs[recipe, rate, seed], target, tokens_between) for seed in RECIPE_SEEDS]
+        shares = " / ".join("not reached" if t is None else f"{t / total_tokens:.2f}" for t in reach)
+        print(f"| {recipe}. {RECIPES[recipe]} | {rate:g} | {final[recipe][0]:.4f} / {final[recipe][1]:.4f} "
+              f"| {statistics.mean(final[recipe]):.4f} | {statistics.mean(final[recipe]) - target:+.4f} "
+              f"| {shares} |")  # fmt: skip
+
+
+def plot_recipes(results: dict[str, dict[tuple, list[float]]], tokens_between: int, path: str):
+    """The validation curves of each recipe at its chosen rate, mean of the seeds, a panel per model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (name, runs) in zip(axes[0], results.items()):
+        for recipe, label in RECIPES.items():
+            rate = chosen(runs, recipe)
+            curves = np.array([runs[recipe, rate, seed] for seed in RECIPE_SEEDS])
+            tokens = np.arange(curves.shape[1]) * tokens_between
+            ax.plot(tokens[1:], curves.mean(axis=0)[1:], marker="o", label=f"{recipe}. {label} ({rate:g})")
+            ax.fill_between(tokens[1:], curves.min(axis=0)[1:], curves.max(axis=0)[1:], alpha=0.2)
+        ax.set(title=name, xlabel="training tokens", ylabel="validation loss (mean of 2 seeds; band: both)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # gpu: GPT-2 124M training steps on a CUDA GPU, at the settings people run, and what each speed-up buys
 
 
@@ -582,24 +768,29 @@ def peak_memory_of(step: Callable[[], None], device: str) -> int:
 
 
 BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval,
-              "gpu": bench_gpu}
+              "gpu": bench_gpu, "recipe": bench_recipe}
+SPEED = ["generate", "data", "train", "eval", "gpu"]  # what `python bench.py` runs: recipe takes 40 minutes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Measure gpt2-lite's speed against its references, side by side.")
-    parser.add_argument("benchmarks", nargs="*", help=f"which to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("benchmarks", nargs="*", help=f"which: {', '.join(BENCHMARKS)} (default: {', '.join(SPEED)})")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--train-modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                         help="train benchmark: eager and/or torch.compile'd models")
     parser.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="train benchmark: precisions (bf16 is emulated, and very slow, on CPUs without it)")
+    parser.add_argument("--recipe-steps", type=int, default=200, help="recipe benchmark: steps of 1,024 tokens a run")
+    parser.add_argument("--recipe-png", default="runs/bench-recipe.png", help="recipe benchmark: where the curves go")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHMARKS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.recipe_steps < EVALUATIONS or args.recipe_steps % EVALUATIONS:
+        parser.error(f"--recipe-steps must be a multiple of {EVALUATIONS}, got {args.recipe_steps}")
     return args
 
 
@@ -607,7 +798,7 @@ def main(argv: list[str] | None = None):
     args = parse_args(argv)
     args.device = pick_device(args.device)
     print(" ".join(["python bench.py", *(argv if argv is not None else sys.argv[1:])]))
-    for name in args.benchmarks or list(BENCHMARKS):
+    for name in args.benchmarks or SPEED:
         BENCHMARKS[name](args)
 
 
