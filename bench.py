@@ -1,12 +1,15 @@
 """
-Every performance figure gpt2-lite states, measured here: side by side, in one run, never in a timed test.
+Every performance figure gpt2-lite states, measured here: side by side, in one run, never in a timed test; and the
+learning curves that the token-efficient recipe is judged by.
 
-  python bench.py                       # all benchmarks
+  python bench.py                       # every speed benchmark (all but recipe)
   python bench.py generate              # generate() against transformers' generate(), GPT-2 124M
   python bench.py data                  # prepare_data against fineweb.py, in memory and streamed; the loader
   python bench.py train                 # a training step against transformers' GPT2LMHeadModel, fp32 and bf16
   python bench.py eval                  # evaluate.py's scoring, batched, against transformers one example at a time
-  python bench.py gpu                   # 124M training steps on a CUDA GPU: eager/compiled, fused/math attention
+  python bench.py gpu                   # 124M training steps on a CUDA GPU: eager/compiled, fused/math attention,
+                                        # Muon, and the micro batch --batch-size auto picks
+  python bench.py recipe                # validation loss at equal tokens: the seed's recipe, WSD, Muon (40 minutes)
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -34,11 +37,12 @@ import numpy as np
 import torch
 
 import train_gpt2
-from gpt2lite import cpu_decode, text_data
+from gpt2lite import cpu_decode, planning, text_data
 from gpt2lite.cli import ArgumentParser, first_line, run_cli
 from gpt2lite.devices import peak_flops, pick_device
 from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
+from gpt2lite.optimizers import unallocated_state_bytes
 from gpt2lite.shards import shard_bytes
 from train_gpt2 import GPT, DataLoader, GPTConfig
 
@@ -654,21 +658,23 @@ class RepeatedBatch:
         return self.batch
 
 
-def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int, precision: str,
-                       device: str) -> dict[str, Callable[[], None]]:  # fmt: skip
-    """One optimizer step of train_gpt2.py's own code (accumulation, GradScaler, clipping, fused AdamW) on one
-    model, three ways: eager, compiled, and eager with the unfused math attention kernel."""
+def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int, precision: str, device: str,
+                       modes: Iterable[str]) -> dict[str, Callable[[], None]]:  # fmt: skip
+    """One optimizer step of train_gpt2.py's own code (accumulation, GradScaler, clipping, fused AdamW) for each mode
+    asked: eager, compiled, eager with the unfused math attention kernel, and compiled with Muon beside AdamW (a model
+    of its own, with its own optimizer)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4)
     autocast = train_gpt2.autocast_for(device, precision)
     batches = RepeatedBatch(config.vocab_size, B, T, device)
     grad_accum_steps = total_batch_size // (B * T)
-    compiled = torch.compile(model)
 
-    def step_of(module: torch.nn.Module, attention=contextlib.nullcontext) -> Callable[[], None]:
+    def model_and_optimizer(muon_lr: float | None) -> tuple[torch.nn.Module, object]:
+        torch.manual_seed(0)
+        model = GPT(config).to(device)
+        return model, model.configure_optimizers(0.1, 6e-4, muon_lr)
+
+    def step_of(module: torch.nn.Module, optimizer, attention=contextlib.nullcontext) -> Callable[[], None]:
         # a GradScaler each: a step that fails halfway (out of memory) leaves its scaler's state to itself
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
@@ -680,14 +686,39 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
 
         return step
 
-    return {"eager": step_of(model), "compiled": step_of(compiled),
-            "eager, math attention": step_of(model, lambda: sdpa_kernel(SDPBackend.MATH))}  # fmt: skip
+    def muon_step() -> Callable[[], None]:
+        muon_model, muon_optimizer = model_and_optimizer(0.02)
+        return step_of(torch.compile(muon_model), muon_optimizer)
+
+    model, optimizer = model_and_optimizer(None)
+    makers = {
+        "eager": lambda: step_of(model, optimizer),
+        "compiled": lambda: step_of(torch.compile(model), optimizer),
+        "eager, math attention": lambda: step_of(model, optimizer, lambda: sdpa_kernel(SDPBackend.MATH)),
+        "compiled, Muon": muon_step,
+    }
+    return {mode: makers[mode]() for mode in modes}
+
+
+def auto_micro_batch(config: GPTConfig, T: int, total_batch_size: int, precision: str, device: str) -> int:
+    """What --batch-size auto picks for this model, sequence and precision on this GPU (planning's probe)."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    autocast = train_gpt2.autocast_for(device, precision)
+    found = planning.largest_micro_batch(model, autocast, scaler, device, T, total_batch_size // T,
+                                         unallocated_state_bytes(optimizer))  # fmt: skip
+    model = optimizer = None
+    torch.cuda.empty_cache()
+    return found
 
 
 def bench_gpu(args: argparse.Namespace):
     """ms per step, tokens/s, MFU and peak memory of 124M training steps of 65,536 tokens: the seed's T4 setting
-    (micro batch 4 x 1,024, fp16 with a GradScaler) and 16 x 1,024 in bf16, each eager, compiled, and with the
-    math attention kernel instead of PyTorch's fused ones."""
+    (micro batch 4 x 1,024, fp16 with a GradScaler) and 16 x 1,024 in bf16, each eager, compiled, with the math
+    attention kernel instead of PyTorch's fused ones, and compiled with Muon; then, compiled, the micro batch that
+    --batch-size auto picks on this card in each precision."""
     if not torch.cuda.is_available():
         print("\n## gpu: skipped, this machine has no CUDA GPU (torch.cuda.is_available() is False)")
         return
@@ -698,32 +729,37 @@ def bench_gpu(args: argparse.Namespace):
     fused = "flash or cuDNN" if major >= 8 else "memory-efficient"
     config = GPTConfig(vocab_size=50304)
     flops = train_gpt2.flops_per_token(config, 1024)
-    settings = [(4, "fp16"), (16, "bf16")]  # the seed's T4 setting; a large card's
-    peaks = {precision: peak_flops(device, precision) for _, precision in settings}
+    precisions = ["fp16", "bf16"] if major >= 8 else ["fp16"]
+    every = ["eager", "compiled", "eager, math attention", "compiled, Muon"]
+    settings = [(4, "fp16", "4", every), (16, "bf16", "16", every)]  # the seed's T4 setting; a large card's
+    settings += [(auto_micro_batch(config, 1024, 65536, p, device), p, "auto", ["compiled"]) for p in precisions]
+    peaks = {precision: peak_flops(device, precision) for precision in ("fp16", "bf16")}
     print(f"\n## gpu: GPT-2 124M training steps of 65,536 tokens ({machine_line(device)}, compute capability "
           f"{major}.{minor}: fused attention is PyTorch's {fused} kernel; MFU against the {peaks['fp16'][1]})\n")
     print("| micro batch | precision | mode | ms/step | tokens/s | MFU | peak memory | vs eager |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for B, precision in settings:
+    for B, precision, label, modes in settings:
+        micro = f"{B} x 1024" + (" (auto)" if label == "auto" else "")
         if precision == "bf16" and major < 8:
-            print(f"| {B} x 1024 | bf16 | - | needs compute capability 8.0 | | | | |")
+            print(f"| {micro} | bf16 | - | needs compute capability 8.0 | | | | |")
             continue
         with fresh_compile_cache():
-            steps = gpu_training_steps(config, B, 1024, 65536, precision, device)
+            steps = gpu_training_steps(config, B, 1024, 65536, precision, device, modes)
             for name, problem in failing_steps(steps, device).items():
-                print(f"| {B} x 1024 | {precision} | {name} | {problem} | | | | |")
+                print(f"| {micro} | {precision} | {name} | {problem} | | | | |")
             seconds = race(steps, args.repeats, device)
             peak_memory = {name: peak_memory_of(step, device) for name, step in steps.items()}
-        steps = None  # the next setting starts with this one's model, optimizer and graphs freed
+        steps = None  # the next setting starts with this one's models, optimizers and graphs freed
         torch.cuda.empty_cache()
         for name, times in seconds.items():
             tokens_per_s = 65536 / statistics.median(times)
             vs_eager = f"{median_ratio(seconds['eager'], times):.2f}x" if "eager" in seconds else "-"
-            print(f"| {B} x 1024 | {precision} | {name} | {statistics.median(times) * 1000:,.0f} | {tokens_per_s:,.0f} "
+            print(f"| {micro} | {precision} | {name} | {statistics.median(times) * 1000:,.0f} | {tokens_per_s:,.0f} "
                   f"| {flops * tokens_per_s / peaks[precision][0]:.0%} | {peak_memory[name] / 2**30:.1f} GiB "
                   f"| {vs_eager} |", flush=True)  # fmt: skip
     print(f"\nmedian of {args.repeats} alternating rounds after a warm-up step (and compilation) for each. Goal on "
-          "an H100: 16 x 1024 bf16 compiled at 470,000 tokens/s or more (llm.c's rate per GPU).")
+          "an H100: 16 x 1024 bf16 compiled at 470,000 tokens/s or more (llm.c's rate per GPU). The auto rows: the "
+          "micro batch --batch-size auto picks on this card, against the compiled rows above it.")
 
 
 @contextlib.contextmanager

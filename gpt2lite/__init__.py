@@ -11,7 +11,8 @@ gpt2lite: the machinery around train_gpt2.py, the chapter people read. Each modu
   run          a training run's inputs checked at once, the Run the loop works with, resuming, its first lines
   devices      the device, whether torch.compile works there, and what 100% MFU means on it
   evaluation   scoring completions: HellaSwag, LAMBADA, WikiText perplexity
-  planning     what --plan measures and works out: time, memory, disk, passes over the data
+  planning     what --plan measures and works out: time, memory, disk, passes; the largest micro batch that fits
+  optimizers   Muon beside AdamW, stepped as one optimizer (one fp16 inf check, one checkpoint state)
   cpu_decode   a faster route for a KV-cached decode step's matrix products on a CPU
 
 Nothing here imports train_gpt2 or any other script: `python train_gpt2.py` runs the chapter as __main__, so a

@@ -52,6 +52,16 @@ class JointOptimizer:
             optimizer.load_state_dict(own)
 
 
+def load_keeping_settings(optimizer, state: dict):
+    """Load a saved optimizer state (moments, momentum, step counts) into an optimizer built from this run's flags,
+    keeping this run's settings: a --weight-decay or --muon-lr given to a resume applies, and the step counts go
+    where this run's fused or plain AdamW wants them (load_state_dict places them by the saved group's flags)."""
+    saved_groups = [group for own in state.get("optimizers", [state]) for group in own["param_groups"]]
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        saved.update({key: value for key, value in group.items() if key != "params"})
+    optimizer.load_state_dict(state)
+
+
 def members(optimizer) -> list[torch.optim.Optimizer]:
     """The optimizers inside a JointOptimizer, or the one given."""
     return list(getattr(optimizer, "optimizers", [optimizer]))

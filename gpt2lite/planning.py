@@ -227,7 +227,9 @@ def memory_budget(device: str) -> int:
     the card's memory within any per-process cap (torch.cuda.set_per_process_memory_fraction) and beside what
     other processes hold."""
     total = torch.cuda.get_device_properties(device).total_memory
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # torch 2.8+
+    index = torch.device(device).index  # None for "cuda": the fraction's getter wants the index itself
+    index = torch.cuda.current_device() if index is None else index
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)  # 1.0: no getter
     free, _ = torch.cuda.mem_get_info(device)
     return int(MEMORY_WARNING_SHARE * min(total * fraction, free + torch.cuda.memory_reserved(device)))
 
@@ -243,11 +245,11 @@ def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool]) -
 
 def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len: int, sequences_per_step: int,
                         reserve_bytes: int = 0) -> int:  # fmt: skip
-    """The largest power-of-two micro batch that divides a step's sequences and whose forward and backward fit this
-    GPU's memory budget, with its headroom, beside what the run holds already (weights, gradients) and reserve_bytes
-    held aside for what it will hold (the optimizer's state, allocated at its first step), at the run's sequence
-    length and precision. Tried on the eager model: a compiled step takes less memory, so what fits here fits the
-    run."""
+    """The largest power-of-two micro batch that divides a step's sequences and whose forward and backward, twice,
+    fit this GPU's memory budget, with its headroom, beside what the run holds already (weights, gradients) and
+    reserve_bytes held aside for what it will hold (the optimizer's state, allocated at its first step), at the run's
+    sequence length and precision. Tried on the eager model: a compiled step takes less memory, so what fits here
+    fits the run."""
     budget = memory_budget(device)
 
     def fits(batch: int) -> bool:
@@ -255,9 +257,10 @@ def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len
         try:
             torch.cuda.reset_peak_memory_stats(device)
             x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)  # (B, T)
-            with autocast():
-                _, loss = model(x, x)
-            scaler.scale(loss).backward()
+            for _ in range(2):  # the second micro batch runs with every gradient held, as accumulation does
+                with autocast():
+                    _, loss = model(x, x)
+                scaler.scale(loss).backward()
             torch.cuda.synchronize(device)
             return torch.cuda.max_memory_reserved(device) <= budget
         except torch.cuda.OutOfMemoryError:

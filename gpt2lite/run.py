@@ -33,7 +33,7 @@ from gpt2lite.devices import training_device
 from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples, hellaswag_scores
 from gpt2lite.gpt2_files import from_the_hub
 from gpt2lite.lock import RunLock, lock_problem, remove_leftovers
-from gpt2lite.optimizers import MUON_TORCH, members, muon_available
+from gpt2lite.optimizers import MUON_TORCH, load_keeping_settings, members, muon_available
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 SEED_MICRO_BATCH = 4  # the seed's 4 x 1,024, and what --batch-size auto means off CUDA, where nothing is measured
@@ -356,10 +356,7 @@ def resume(run: Run):
     them (the weights are in already: build_model took them); the log loses the events past that step."""
     checkpoint = run.checkpoint
     if checkpoint is not None:
-        chosen = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
-        run.optimizer.load_state_dict(checkpoint["optimizer"])  # onto the parameters' device
-        for group, settings in zip(run.optimizer.param_groups, chosen):
-            group.update(settings)  # this run's settings (a --weight-decay or --muon-lr given), the saved state
+        load_keeping_settings(run.optimizer, checkpoint["optimizer"])  # onto the parameters' device
         if checkpoint["scaler"]:  # empty when it was saved disabled: a run moved from bf16 or fp32 to fp16
             run.scaler.load_state_dict(checkpoint["scaler"])
         run.train_loader.load_state_dict(checkpoint["train_loader"])

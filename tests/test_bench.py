@@ -135,3 +135,40 @@ def test_the_eval_benchmark_runs_on_generated_text_in_a_clone_without_real_text(
     assert len(tasks["hellaswag"]) == 300 * 4 and len(tasks["lambada"]) == 400 and len(tasks["wikitext"]) > 100
     assert described.startswith("generated text: ")
     assert all(context and completion for pairs in tasks.values() for context, completion in pairs)
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    from bench import tokens_to_reach
+
+    curve = [9.0, 7.0, 6.0, 5.0]  # evaluated every 100 tokens
+    assert tokens_to_reach(curve, 6.0, 100) == 200
+    assert tokens_to_reach(curve, 6.5, 100) == pytest.approx(150)
+    assert tokens_to_reach(curve, 8.0, 100) == pytest.approx(50)
+    assert tokens_to_reach(curve, 4.9, 100) is None
+
+
+def test_recipe_benchmark_runs_every_recipe_and_draws_the_curves(tmp_path, monkeypatch, capsys):
+    """At a tiny size and 10 steps on generated text (what a clone without the project's real text uses): the
+    grids on seed 0, each recipe's chosen rate on seed 1, the tables and the PNG."""
+    import bench
+
+    monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
+    monkeypatch.setattr(bench, "RECIPE_SIZES", {"2 layers, width 32": (2, 2, 32)})
+    monkeypatch.setattr(bench, "EVAL_WINDOWS", 16)
+    main(["recipe", "--recipe-steps", "10", "--recipe-png", str(tmp_path / "curves.png")])
+    out = capsys.readouterr().out
+    assert "generated text (no real text beside the clone)" in out
+    runs = [line for line in out.splitlines() if line.startswith("  2 x 32, recipe ")]
+    assert len(runs) == 10  # 1 + 3 + 3 rates on seed 0, one per recipe on seed 1
+    assert [line.split(", seed ")[1][0] for line in runs] == ["0"] * 7 + ["1"] * 3
+    base = bench.seed_lr(32)
+    assert f"recipe 2, rate {base:g}, seed 0" in out and f"recipe 2, rate {4 * base:g}, seed 0" in out
+    assert "recipe 3, rate 0.04, seed 0" in out
+    table = [line for line in out.splitlines() if line.startswith("| 1. seed's: AdamW, cosine | ")]
+    assert len(table) == 2 and "| +0.0000 |" in table[1]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_recipe_steps_must_split_into_the_evaluations():
+    with pytest.raises(SystemExit):
+        main(["recipe", "--recipe-steps", "15"])
