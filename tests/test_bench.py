@@ -4,6 +4,7 @@ python -m pytest tests/test_bench.py -q
 """
 
 import pytest
+import torch
 
 from bench import main, median_ratio, race
 
@@ -84,7 +85,7 @@ def test_eval_benchmark_reference_scores_what_evaluate_scores():
 
 def test_gpu_benchmark_skips_without_a_gpu_and_steps_with_the_training_code(capsys, monkeypatch):
     """`python bench.py gpu` says it has nothing to measure on a CPU; its steps (train_gpt2.py's accumulation,
-    GradScaler, clipping and AdamW, eager and with the math attention kernel) run on any device."""
+    GradScaler, clipping and AdamW, eager and with the math attention kernel, and Muon's) run on any device."""
     from bench import gpu_training_steps
     from train_gpt2 import GPTConfig
 
@@ -93,10 +94,14 @@ def test_gpu_benchmark_skips_without_a_gpu_and_steps_with_the_training_code(caps
     assert "gpu: skipped, this machine has no CUDA GPU" in capsys.readouterr().out
 
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
-    steps = gpu_training_steps(config, 2, 16, 64, "fp16", "cpu")  # 2 accumulation steps, with a GradScaler
-    assert set(steps) == {"eager", "compiled", "eager, math attention"}
-    steps["eager"]()
-    steps["eager, math attention"]()
+    modes = ["eager", "compiled", "eager, math attention", "compiled, Muon"]
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))  # no C++ compiler
+    steps = gpu_training_steps(config, 2, 16, 64, "fp16", "cpu", modes)  # 2 accumulation steps, with a GradScaler
+    assert list(steps) == modes
+    for mode in ("eager", "eager, math attention", *(["compiled, Muon"] if hasattr(torch.optim, "Muon") else [])):
+        steps[mode]()
+    torch._dynamo.reset()
 
 
 def test_gpu_benchmark_drops_a_mode_that_fails_and_compiles_from_an_empty_cache(monkeypatch):

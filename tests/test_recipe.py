@@ -260,3 +260,21 @@ def test_fit_micro_batch_rebuilds_the_loaders_and_keeps_the_tokens_per_step(data
     args.batch_size = "auto"
     with pytest.raises(InputError, match=r"--batch-size auto: not even one sequence of --seq-len 32 fits 14.00 GiB"):
         planning.fit_micro_batch(run)
+
+
+def test_muon_steps_a_compiled_model_as_it_steps_the_eager_one(tmp_path, data, monkeypatch, capsys):
+    """torch.compile wraps the model, not the optimizer: Muon must step the parameters the compiled module runs.
+    With Dynamo's eager backend (no C++ compiler needed) the compiled run logs the eager run's losses exactly."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    losses = {}
+    for compiled in ("--compile", "--no-compile"):
+        run = tmp_path / compiled
+        train_gpt2.main([*TINY_RUN, "--data-dir", str(data), "--run-dir", str(run), "--max-steps", "6",
+                         "--eval-interval", "6", "--ckpt-interval", "6", "--sample-interval", "0", "--optimizer",
+                         "muon", "--schedule", "wsd", compiled])  # fmt: skip
+        assert f"compile {compiled == '--compile'}" in capsys.readouterr().out
+        losses[compiled] = logged_losses(run)
+    torch._dynamo.reset()
+    assert losses["--compile"] == losses["--no-compile"]
+    assert losses["--compile"][-1][2] < losses["--compile"][0][2] - 1.0
