@@ -606,8 +606,8 @@ def print_recipe_table(name: str, runs: dict[tuple, list[float]], tokens_between
     target = statistics.mean(final["1"])
     spread = abs(final["1"][0] - final["1"][1])
     print(f"\nrecipe 1's final loss, mean of seeds: {target:.4f}; its seeds differ by {spread:.4f}\n")
-    print("| recipe | rate | final loss, seeds 0 / 1 | mean | vs recipe 1 | tokens to reach recipe 1's final loss, "
-          "seeds 0 / 1 |")
+    print("| recipe | rate | final loss, seeds 0 / 1 | mean | vs recipe 1 | tokens to reach recipe 1's mean final "
+          "loss, seeds 0 / 1 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for recipe in RECIPES:
         rate = chosen(runs, recipe)
@@ -687,7 +687,7 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
         return step
 
     def muon_step() -> Callable[[], None]:
-        muon_model, muon_optimizer = model_and_optimizer(0.02)
+        muon_model, muon_optimizer = model_and_optimizer(0.01)
         return step_of(torch.compile(muon_model), muon_optimizer)
 
     model, optimizer = model_and_optimizer(None)

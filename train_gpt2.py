@@ -260,7 +260,9 @@ class GPT(nn.Module):
 
     # --- Training -----------------------------------------------------------------------------------------------
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, muon_lr: float | None = None):
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, muon_lr: float | None = None
+    ) -> torch.optim.AdamW | JointOptimizer:
         """AdamW with GPT-3's settings (appendix B): betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
 
         Only matrices and embeddings decay (every tensor of 2 or more dimensions): decay pulls weights toward zero
@@ -281,12 +283,12 @@ class GPT(nn.Module):
             adamw = torch.optim.AdamW(groups, **settings)
         if not hidden:
             return adamw
-        # Muon (Jordan et al. 2024) steps a matrix by its momentum made orthogonal: Newton-Schulz iterations set every
-        # singular value of the update to about 1 and keep its singular vectors, so all directions of the matrix move
-        # at one rate instead of a few dominant ones taking the step. That suits maps from one hidden space to
-        # another. The embedding is a table whose rows move a token at a time, the head is that same table, and
-        # biases and LayerNorm gains are vectors, with no singular vectors: AdamW keeps them. The schedule scales
-        # both rates (lr_scale, clip_and_step), and Muon's decay gives the pull toward zero per step of AdamW's.
+        # Muon (Jordan et al. 2024) steps a matrix by its momentum made orthogonal: Newton-Schulz iterations set the
+        # update's singular values to roughly 1 (0.5 to 1.5) and keep its singular vectors, so all directions of the
+        # matrix move at one rate, not a few dominant ones. That suits maps between hidden spaces; the embedding (a
+        # table whose rows move a token at a time; the head is the same table) and the vectors (biases, LayerNorm
+        # gains: no singular vectors) stay on AdamW. torch scales a tall matrix's rate by sqrt(rows / cols), 2x for
+        # c_fc. The schedule scales both peaks (lr_scale); decay shrinks a weight by lr x weight_decay a step in both.
         muon_group = {"params": hidden, "lr_scale": muon_lr / learning_rate}
         muon = torch.optim.Muon([muon_group], lr=muon_lr, weight_decay=weight_decay * learning_rate / muon_lr)
         return JointOptimizer(muon, adamw)  # one optimizer to GradScaler: an fp16 overflow skips both
@@ -607,7 +609,7 @@ def accumulate_gradients(
 
 
 def clip_and_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler, lr: float, grad_clip: float
+    model: nn.Module, optimizer: torch.optim.Optimizer | JointOptimizer, scaler, lr: float, grad_clip: float
 ) -> tuple[torch.Tensor, bool]:
     """Clip the gradient norm and take an optimizer step at this learning rate; returns (norm, skipped).
 
@@ -695,7 +697,7 @@ def wrap_model(run: Run) -> tuple[nn.Module, bool]:
     compiled = torch.compile(model)  # compiles at its first calls: one training and one evaluation call, now
     # inputs and targets as two tensors: one tensor passed as both would be guarded on, and recompiled for later
     x, y = torch.randint(0, run.raw_model.config.vocab_size, (2, run.args.batch_size, run.args.seq_len), device=device)
-    error = compile_error(compiled, model, x, y, run.autocast)
+    error = compile_error(compiled, model, x, y, run.autocast, run.val_loader.B)
     failed = torch.tensor(float(error is not None), device=device)
     if dist.is_initialized():
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # compiled on every process, or on none
@@ -729,19 +731,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--vocab-size", type=int, default=50304, help="50,257 padded to a multiple of 64: faster")
     add("--dropout", type=float, default=0.0, help="dropout probability (regularisation)")
     # batch
-    add("--batch-size", type=micro_batch, default="auto", help="micro batch (auto: most that fit a GPU, 4 on CPU)")
+    add("--batch-size", type=micro_batch, default="auto", help="micro batch (auto: most that fit a GPU, else 4)")
     add("--seq-len", type=int, default=1024, help="tokens per sequence")
-    add("--total-batch-size", type=int, default=65536, help="tokens per step (4 x 1024 x 16 accumulation steps)")
+    add("--total-batch-size", type=int, default=65536, help="tokens per step: 64 sequences of 1,024, accumulated")
     # optimization
     add("--max-steps", type=int, default=40000, help="optimizer steps")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of --max-steps, at most 2,000)")
     add("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' matrices")
     add("--max-lr", type=float, default=6e-4, help="peak learning rate (AdamW's)")
-    add("--muon-lr", type=float, default=0.02, help="Muon's peak learning rate (--optimizer muon)")
+    add("--muon-lr", type=float, default=0.01, help="Muon's peak learning rate (bench.py recipe's choice)")
     add("--min-lr", type=float, default=6e-5, help="final learning rate, AdamW's (Muon's in proportion)")
     add("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine, or flat then linear")
     add("--decay-fraction", type=float, default=0.2, help="wsd: share of --max-steps spent decaying to --min-lr")
-    add("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    add("--weight-decay", type=float, default=0.1, help="decay on matrices and embeddings (per step: lr x this)")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     # evaluation, sampling, checkpoints
     add("--eval-interval", type=int, default=250, help="steps between validation losses")
@@ -793,8 +795,8 @@ def prepare_model(run: Run):
         torch.backends.cudnn.allow_tf32 = True
     muon_lr = run.args.muon_lr if run.args.optimizer == "muon" else None
     run.optimizer = run.raw_model.configure_optimizers(run.args.weight_decay, run.args.max_lr, muon_lr)
-    if run.args.batch_size == "auto":  # CUDA: the largest micro batch that fits, now the model is on the GPU
-        planning.fit_micro_batch(run)
+    if run.args.batch_size == "auto":  # CUDA: the largest micro batch that fits beside the model and the optimizer's
+        planning.fit_micro_batch(run)  # state to come, measured before wrap_model compiles at that batch
     run.model, run.compiled = wrap_model(run)
     torch.manual_seed(run.args.seed + run.rank)  # dropout differs between processes
     run.flops_per_token = flops_per_token(run.raw_model.config, run.args.seq_len)
@@ -806,7 +808,7 @@ def start_run(args: argparse.Namespace, given: set[str], procs: Processes) -> Ru
     # every flag checked, the device picked, --run-dir opened (a resume's settings read back), then the precision,
     # the train and val DataLoaders and the model built by the chapter's own functions: every problem at once
     run = check_inputs(args, given, procs, choose_precision, DataLoader, build_model)
-    make_run_dir(run)  # made and locked only now: a refused run leaves nothing behind
+    make_run_dir(run)  # made and locked only now: a run its checks refuse leaves nothing behind
     prepare_model(run)
     resume(run)  # the optimizer, data position, progress and random states, where the checkpoint left them
     describe_run(run)

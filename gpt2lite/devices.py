@@ -58,9 +58,11 @@ def device_and_model(
     return device, model
 
 
-def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> str | None:
-    """Call the compiled model on a batch x, y (B, T) as training and evaluation will: None if both compile, else
-    the error."""
+def compile_error(
+    compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, eval_rows: int
+) -> str | None:
+    """Call the compiled model on a batch x, y (B, T) as training will, and on its first eval_rows rows as evaluation
+    will (the validation batch): None if both compile, else the error."""
     # no all-reduce: a process whose compile fails must not leave the others waiting for its gradients
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     try:
@@ -70,7 +72,7 @@ def compile_error(compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: tor
             loss.backward()
         model.eval()
         with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
-            compiled(x, y)
+            compiled(x[:eval_rows], y[:eval_rows])
     except Exception as e:  # torch._dynamo / inductor raise many kinds
         return first_line(e)
     finally:

@@ -54,8 +54,10 @@ class JointOptimizer:
 
 def load_keeping_settings(optimizer, state: dict):
     """Load a saved optimizer state (moments, momentum, step counts) into an optimizer built from this run's flags,
-    keeping this run's settings: a --weight-decay or --muon-lr given to a resume applies, and the step counts go
-    where this run's fused or plain AdamW wants them (load_state_dict places them by the saved group's flags)."""
+    keeping this run's settings: a --weight-decay or --muon-lr given to a resume applies. The settings go into the
+    saved groups before loading, because load_state_dict decides from them where AdamW's step counts go: onto the
+    parameters' device for a fused (or capturable) AdamW, on the CPU otherwise, and a fused kernel refuses a count on
+    another device than its parameters."""
     saved_groups = [group for own in state.get("optimizers", [state]) for group in own["param_groups"]]
     for saved, group in zip(saved_groups, optimizer.param_groups):
         saved.update({key: value for key, value in group.items() if key != "params"})

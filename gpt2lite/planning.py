@@ -282,8 +282,8 @@ def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len
 
 def fit_micro_batch(run):
     """--batch-size auto on CUDA: the largest micro batch that fits (largest_micro_batch, with the optimizer's state
-    still to come held aside), the same on every process (the smallest any of them found); the loaders and the
-    accumulation steps follow, so --total-batch-size, and the gradient, stay as they are."""
+    still to come held aside), the same on every process (the smallest any of them found); the training loader and
+    the accumulation steps follow, so --total-batch-size, and the gradient, stay as they are."""
     args = run.args
     sequences_per_step = args.total_batch_size // (args.seq_len * run.world_size)  # one process's share of a step
     reserve = unallocated_state_bytes(run.optimizer)
@@ -300,9 +300,9 @@ def fit_micro_batch(run):
             "its optimizer: lower --seq-len, or train a smaller model"
         )
     args.batch_size = int(found.item())  # saved with the run's settings: a resume keeps it
-    loader = type(run.train_loader)
-    run.train_loader = make_loader(loader, args, run.procs, "train", args.batch_size)
-    run.val_loader = make_loader(loader, args, run.procs, "val", args.batch_size)
+    run.train_loader = make_loader(type(run.train_loader), args, run.procs, "train", args.batch_size)
+    if args.batch_size < run.val_loader.B:  # validation keeps the seed's micro batch where it fits (check_inputs)
+        run.val_loader = make_loader(type(run.val_loader), args, run.procs, "val", args.batch_size)
     run.grad_accum_steps = accumulation_steps(args, args.batch_size, run.world_size)
     run.say(
         f"--batch-size auto: {args.batch_size} x {args.seq_len}, the largest power of two that divides a step's "
@@ -346,7 +346,7 @@ def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], obje
     if torch.device(run.device).type == "cuda":
         device = torch.cuda.get_device_name(run.device)
         memory = torch.cuda.get_device_properties(run.device).total_memory
-        sequences_per_step = args.batch_size * run.grad_accum_steps  # one process's share of a step
+        sequences_per_step = args.total_batch_size // (args.seq_len * run.world_size)  # one process's share of a step
         largest = largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, args.seq_len,
                                       sequences_per_step, unallocated_state_bytes(run.optimizer))  # fmt: skip
     else:

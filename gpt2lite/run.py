@@ -188,7 +188,7 @@ def check_schedule(args: argparse.Namespace):
         problems.add(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
     if not 0 < args.min_lr <= args.max_lr:
         problems.add(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
-    decay_steps = round(args.decay_fraction * args.max_steps)
+    decay_steps = max(1, round(args.decay_fraction * args.max_steps))  # as get_lr counts them
     if args.schedule == "wsd" and args.warmup_steps + decay_steps > args.max_steps:
         problems.add(f"--schedule wsd: --warmup-steps {args.warmup_steps} and the decay's {decay_steps} steps "
                      f"(--decay-fraction {args.decay_fraction}) add up to more than --max-steps {args.max_steps}")
@@ -297,14 +297,15 @@ def check_inputs(
             precision, why = choose_precision(device, args.dtype)
     if args.batch_size == "auto" and not (device and torch.device(device).type == "cuda"):
         args.batch_size = SEED_MICRO_BATCH
-    # auto on CUDA: checked at one sequence here, measured once the model is on the GPU (fit_micro_batch)
-    batch_size = 1 if args.batch_size == "auto" else args.batch_size
+    # auto on CUDA: training's micro batch is checked at one sequence here and measured once the model is on the GPU
+    # (fit_micro_batch); validation keeps the seed's, so that the windows it reads do not depend on the card
+    batch_size, val_batch_size = (1, SEED_MICRO_BATCH) if args.batch_size == "auto" else (args.batch_size,) * 2
     train_loader = val_loader = None
     if "seed" not in bad_flags:  # it orders the windows
         with problems:
             train_loader = make_loader(loader, args, procs, "train", batch_size)
     with problems:
-        val_loader = make_loader(loader, args, procs, "val", batch_size)
+        val_loader = make_loader(loader, args, procs, "val", val_batch_size)
     if not bad_flags.keys() & {"batch_size", "seq_len", "total_batch_size"}:  # it divides by them
         with problems:
             grad_accum_steps = accumulation_steps(args, batch_size, procs.world_size)
@@ -393,11 +394,11 @@ def describe_run(run: Run):
         f"x {run.grad_accum_steps} accumulation steps | mfu against the {run.peak_source}, "
         f"{run.peak / 1e12:.3g} TFLOP/s"
     )
-    windows = sum(run.val_loader.windows_per_shard)
-    every = math.ceil(windows / args.batch_size)  # the --eval-steps that reads all of them
+    windows, rows = sum(run.val_loader.windows_per_shard), run.val_loader.B
+    every = math.ceil(windows / rows)  # the --eval-steps that reads all of them
     coverage = "all of them" if args.eval_steps >= every else f"--eval-steps {every} reads all of them"
     run.say(
-        f"validation: {min(windows, args.eval_steps * args.batch_size):,} of the split's {windows:,} windows of "
+        f"validation: {min(windows, args.eval_steps * rows):,} of the split's {windows:,} windows of "
         f"{args.seq_len} tokens, evenly spread ({coverage})"
     )
     resumed_from = run.last_checkpoint

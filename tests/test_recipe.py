@@ -149,7 +149,7 @@ def test_a_resume_takes_a_new_muon_lr_and_refuses_another_optimizer(tmp_path, da
             "--eval-interval", "2", "--sample-interval", "0", "--optimizer", "muon"]  # fmt: skip
     first = run_train(*args)
     assert first.returncode == 0, first.stderr
-    assert "Muon on the blocks' 8 matrices (98,304 parameters), peak lr 0.02; AdamW on the rest, peak lr 0.003" in (
+    assert "Muon on the blocks' 8 matrices (98,304 parameters), peak lr 0.01; AdamW on the rest, peak lr 0.003" in (
         first.stdout
     )
     refused = run_train("--resume", "--run-dir", str(run), "--max-steps", "6", "--optimizer", "adamw")
@@ -157,11 +157,11 @@ def test_a_resume_takes_a_new_muon_lr_and_refuses_another_optimizer(tmp_path, da
         f"train_gpt2.py: error: --optimizer adamw differs from {run / 'ckpt_000004.pt'}'s muon, whose state the "
         "checkpoint holds: drop the flag, or start a new --run-dir"
     ]
-    resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "6", "--muon-lr", "0.01")
+    resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "6", "--muon-lr", "0.03")
     assert resumed.returncode == 0, resumed.stderr
     state = torch.load(run / "ckpt_000006.pt", weights_only=True)
     muon_state, adamw_state = state["optimizer"]["optimizers"]
-    assert muon_state["param_groups"][0]["lr_scale"] == pytest.approx(0.01 / 3e-3), "the new --muon-lr applies"
+    assert muon_state["param_groups"][0]["lr_scale"] == pytest.approx(0.03 / 3e-3), "the new --muon-lr applies"
     assert all("momentum_buffer" in s for s in muon_state["state"].values())
     assert all({"exp_avg", "exp_avg_sq"} <= set(s) for s in adamw_state["state"].values())
 

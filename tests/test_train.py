@@ -734,7 +734,10 @@ def counting_compile(monkeypatch) -> list[bool]:
     return compiled_inside_ddp
 
 
-def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_path, small_data, monkeypatch):
+# validation's micro batch is training's, or under --batch-size auto on CUDA the seed's 4 beside a larger one
+@pytest.mark.parametrize("train_rows, val_rows", [(2, 2), (4, 2)])
+def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_path, small_data, monkeypatch,
+                                                                           train_rows, val_rows):  # fmt: skip
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -742,9 +745,12 @@ def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_pa
     torch._dynamo.reset()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        args, _ = train_gpt2.parse_args(["--batch-size", "2", "--seq-len", "16", "--dropout", "0.1", "--compile"])
+        args, _ = train_gpt2.parse_args(["--batch-size", str(train_rows), "--seq-len", "16", "--dropout", "0.1",
+                                         "--compile"])  # fmt: skip
         raw = GPT(tiny_config(vocab_size=50304, dropout=0.1))
-        run = SimpleNamespace(raw_model=raw, device="cpu", args=args, autocast=contextlib.nullcontext, say=print)
+        val_loader = train_gpt2.DataLoader(str(small_data), "val", val_rows, 16)
+        run = SimpleNamespace(raw_model=raw, device="cpu", args=args, autocast=contextlib.nullcontext, say=print,
+                              val_loader=val_loader)  # fmt: skip
         model, compiled = train_gpt2.wrap_model(run)
         assert compiled and isinstance(model._orig_mod, DDP) and model._orig_mod.module is raw
         assert len(compiled_inside_ddp) >= 2 and all(compiled_inside_ddp), "train and eval graphs, inside DDP"
@@ -752,9 +758,8 @@ def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_pa
         graphs = len(compiled_inside_ddp)
 
         # what the loop then does compiles nothing more: an evaluation, then a training step
-        val_loader = train_gpt2.DataLoader(str(small_data), "val", 2, 16)
         train_gpt2.estimate_loss(model, val_loader, 2, contextlib.nullcontext, "cpu")
-        train_loader = train_gpt2.DataLoader(str(small_data), "train", 2, 16)
+        train_loader = train_gpt2.DataLoader(str(small_data), "train", train_rows, 16)
         accumulate_gradients(model, train_loader, 2, contextlib.nullcontext, no_scaler(), "cpu")
         assert len(compiled_inside_ddp) == graphs
     finally:
