@@ -72,7 +72,9 @@ def compile_error(
             loss.backward()
         model.eval()
         with torch.no_grad(), autocast():  # gradients off: a graph of its own, as in estimate_loss
-            compiled(x[:eval_rows], y[:eval_rows])
+            # fresh tensors, as a loader's batches are: at another batch size than training's, Dynamo compiles a
+            # graph with a dynamic batch, which guards on where a view of a larger tensor starts
+            compiled(x[:eval_rows].clone(), y[:eval_rows].clone())
     except Exception as e:  # torch._dynamo / inductor raise many kinds
         return first_line(e)
     finally:

@@ -73,7 +73,8 @@ def test_muons_one_momentum_buffer_makes_a_smaller_checkpoint_than_adams_two_mom
     matrices = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 4 * 64 * 64)  # c_attn, c_proj, c_fc, the MLP's c_proj; 2 blocks
     files = 5  # --keep-last 3, the next being written, best.pt
     saved = plans["adamw"]["checkpoint_bytes"] - plans["muon"]["checkpoint_bytes"]
-    assert saved == pytest.approx(files * 4 * matrices, rel=0.01), "one fp32 buffer fewer per matrix parameter"
+    # one fp32 buffer fewer per matrix parameter, and Adam's bookkeeping for each of the 8 matrices (a step count)
+    assert files * 4 * matrices <= saved <= files * (4 * matrices + 8 * 1024)
 
 
 def test_the_measured_step_is_of_the_order_of_the_steps_a_run_logs(data, tmp_path):
