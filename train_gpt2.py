@@ -784,8 +784,8 @@ def build_model(args: argparse.Namespace, checkpoint: dict | None) -> tuple[GPT,
 
 
 def prepare_model(run: Run):
-    """The model on its device with its precision, optimizer and wrappers; for MFU, its FLOPs per token and the
-    device's peak FLOP/s (a data sheet's, or measured)."""
+    """The model on its device with its precision, optimizer, micro batch and wrappers; for MFU, its FLOPs per token
+    and the device's peak FLOP/s (a data sheet's, or measured)."""
     run.raw_model = run.raw_model.to(run.device)
     device_type = torch.device(run.device).type
     run.autocast = autocast_for(run.device, run.precision)
