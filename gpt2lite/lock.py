@@ -6,11 +6,15 @@ before it writes anything, instead of interleaving its checkpoints and log with 
 The lock is the OS's: fcntl.flock on `run_dir/.lock`, which dies with its process, so a killed run never blocks
 the next. Where flock is missing or cannot be trusted (Windows; a network or FUSE mount such as Google Drive on
 Colab, where another machine does not see it), the lock file itself is the lock: it holds the pid, the host and a
-heartbeat that the running process refreshes, and a heartbeat older than STALE_SECONDS lets a new run take over.
+heartbeat that the running process refreshes, and a heartbeat older than STALE_SECONDS lets a new run take over, as
+does a holder on this machine whose process is gone. The lock goes when its process ends, short of SIGKILL: SIGTERM
+(torchrun, a scheduler, Colab's runtime stop) ends the run as Ctrl-C does, and an exit releases it.
 """
 
+import atexit
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -26,6 +30,7 @@ except ImportError:  # Windows
 LOCK_NAME = ".lock"
 HEARTBEAT_SECONDS = 30.0  # how often a heartbeat lock is refreshed
 STALE_SECONDS = 180.0  # a heartbeat this old belongs to a process that is gone
+BEAT_WAIT_SECONDS = 60.0  # the longest release waits for a beat in flight (a hung mount must not hang the exit)
 # filesystems where flock is local to one machine, or not implemented: Drive, NFS, SMB, sshfs, gcsfuse, ...
 SHARED_FILESYSTEMS = ("fuse", "nfs", "cifs", "smb", "9p", "afs", "ceph", "lustre", "gpfs")
 
@@ -104,12 +109,45 @@ def lock_problem(run_dir: str) -> str | None:
 
 
 def live_heartbeat(holder: dict, now: float) -> bool:
-    """Whether a heartbeat lock file's holder is another process that is still alive, by its heartbeat's age."""
-    return bool(holder) and not is_mine(holder) and now - holder.get("heartbeat", 0) < STALE_SECONDS
+    """Whether a heartbeat lock file's holder is another process that is still alive: on this machine, whether its
+    process runs; elsewhere, by its heartbeat's age."""
+    if not holder or is_mine(holder) or (on_this_machine(holder) and process_gone(holder.get("pid"))):
+        return False
+    return now - holder.get("heartbeat", 0) < STALE_SECONDS
 
 
 def is_mine(holder: dict) -> bool:
     return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
+def boot_id() -> str | None:
+    """What tells this boot of this machine from another with the same host name (Linux; None elsewhere)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def on_this_machine(holder: dict) -> bool:
+    return holder.get("host") == socket.gethostname() and holder.get("boot") == boot_id()
+
+
+def process_gone(pid) -> bool:
+    """Whether no process of this pid runs here (False where that cannot be told: on Windows, os.kill ends it)."""
+    if os.name == "nt" or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, and belongs to someone else
+        return False
+    return False
+
+
+def end_like_ctrl_c(signum: int, frame):
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 class RunLock:
@@ -117,13 +155,19 @@ class RunLock:
 
     def __init__(self, run_dir: str, say):
         self.path = os.path.join(run_dir, LOCK_NAME)
-        self.run_dir, self.file, self.stop = run_dir, None, threading.Event()
-        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        self.run_dir, self.file, self.stop, self.beating = run_dir, None, threading.Event(), None
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot_id(), "since": time.time()}
         trusted = flock_is_trusted(run_dir)
         if trusted:
             self.take_flock()
         if not trusted or self.file is None:
             self.take_heartbeat(say)
+        self.sigterm = None  # the handler SIGTERM had before, while this lock replaces it
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # SIGTERM's default ends the process at once, with no `finally`: a heartbeat lock would stay behind, and
+            # look alive for STALE_SECONDS. Ended as Ctrl-C ends it, the run unwinds and releases its lock.
+            self.sigterm = signal.signal(signal.SIGTERM, end_like_ctrl_c)
+        atexit.register(self.release)  # however the interpreter exits, even before the run's `with` is entered
 
     def take_flock(self):
         file = open(self.path, "a+b")  # a file object: dropped without release, it closes, and the flock goes
@@ -147,12 +191,15 @@ class RunLock:
         if live_heartbeat(holder, now):
             raise InputError(holder_line(self.run_dir, holder, now))
         if holder and not is_mine(holder):
+            age = f"whose last heartbeat is {now - holder.get('heartbeat', 0):.0f} s old"
+            gone = on_this_machine(holder) and process_gone(holder.get("pid"))
             say(
                 f"{self.run_dir}: taking over the lock of process {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, whose last heartbeat is {now - holder.get('heartbeat', 0):.0f} s old"
+                f"{holder.get('host', '?')}, {'which is no longer running' if gone else age}"
             )
         self.beat()
-        threading.Thread(target=self.keep_beating, daemon=True, name="run-dir heartbeat").start()
+        self.beating = threading.Thread(target=self.keep_beating, daemon=True, name="run-dir heartbeat")
+        self.beating.start()
 
     def beat(self):
         self.holder["heartbeat"] = time.time()
@@ -169,6 +216,13 @@ class RunLock:
         if self.stop.is_set():
             return
         self.stop.set()
+        atexit.unregister(self.release)
+        if self.sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.sigterm)
+        if self.beating is not None:
+            # a beat already writing would put the file back after its removal: let it finish first (a lock left by
+            # a hung mount is taken over by its age, or on this machine at once, since this process is gone)
+            self.beating.join(timeout=BEAT_WAIT_SECONDS)
         if self.file is not None:
             self.file.close()  # the flock goes with it
         elif is_mine(read_holder(self.path)):

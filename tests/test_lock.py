@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,3 +140,61 @@ def test_the_lock_is_released_however_an_in_process_run_ends(data, tmp_path, mon
         train_gpt2.main([*run_args(data, run_dir, max_steps=8), "--resume"])
     assert lock.lock_problem(str(run_dir)) is None, "released after Ctrl-C"
     assert train([*run_args(data, run_dir, max_steps=6), "--resume"]).returncode == 0
+
+
+# --- a lock that goes with its process --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["flock", "heartbeat"])
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_a_restart_is_not_refused(data, tmp_path, mode):
+    """torchrun, a scheduler and Colab's runtime stop send SIGTERM. Its default ends a process with no cleanup, and
+    a heartbeat lock would look alive for 3 minutes: every restart in that time refused."""
+    env = {**os.environ, "GPT2LITE_LOCK": mode}
+    run_dir = tmp_path / "run"
+    first = start_training(run_args(data, run_dir), env)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 130, first.stderr.read()
+    (line,) = first.stderr.read().strip().splitlines()
+    assert line.startswith("train_gpt2.py: interrupted: ") and "--resume" in line, line
+    assert mode == "flock" or not (run_dir / ".lock").exists(), "the heartbeat lock is removed"
+    restart = train([*run_args(data, run_dir, max_steps=12), "--resume"], env)
+    assert restart.returncode == 0, restart.stderr
+    assert "taking over" not in restart.stdout
+
+
+def test_a_heartbeat_lock_whose_process_is_gone_on_this_machine_is_taken_over_at_once(data, tmp_path):
+    """SIGKILL leaves the heartbeat file with a fresh beat; on the machine that wrote it, the pid says it is gone."""
+    env = {**os.environ, "GPT2LITE_LOCK": "heartbeat"}
+    run_dir = tmp_path / "run"
+    first = start_training(run_args(data, run_dir), env)
+    first.kill()
+    first.wait()
+    holder = json.loads((run_dir / ".lock").read_text())
+    assert holder["pid"] == first.pid and time.time() - holder["heartbeat"] < lock.STALE_SECONDS
+    restart = train([*run_args(data, run_dir, max_steps=12), "--resume"], env)
+    assert restart.returncode == 0, restart.stderr
+    assert f"taking over the lock of process {first.pid} on {socket.gethostname()}, which is no longer running" in (
+        restart.stdout
+    )
+
+
+def test_release_lets_a_beat_in_flight_finish_before_removing_the_lock(tmp_path, monkeypatch):
+    """A beat that is writing when the run ends would write the lock file back after release removed it: on Drive,
+    a lock with a fresh heartbeat and no process. Here a beat is slowed to be caught in flight."""
+    monkeypatch.setenv("GPT2LITE_LOCK", "heartbeat")
+    monkeypatch.setattr(lock, "HEARTBEAT_SECONDS", 0.05)
+    in_flight, real_write = threading.Event(), lock.write_atomically
+
+    def slow_write(path, write):
+        if threading.current_thread().name == "run-dir heartbeat":
+            in_flight.set()
+            time.sleep(0.5)
+        real_write(path, write)
+
+    monkeypatch.setattr(lock, "write_atomically", slow_write)
+    held = lock.RunLock(str(tmp_path), print)
+    assert in_flight.wait(timeout=10)
+    held.release()
+    time.sleep(1.0)  # past the slowed beat
+    assert not (tmp_path / ".lock").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "SIGTERM's own handler is back"
