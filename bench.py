@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ import torch
 import train_gpt2
 from gpt2lite import cpu_decode, planning, text_data
 from gpt2lite.cli import ArgumentParser, first_line, run_cli
-from gpt2lite.devices import peak_flops, pick_device
+from gpt2lite.devices import is_out_of_memory, peak_flops, pick_device
 from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
 from gpt2lite.optimizers import unallocated_state_bytes
@@ -64,7 +64,7 @@ def race(contenders: dict[str, Callable[[], object]], repeats: int, device: str)
         fn()
     names = list(contenders)
     seconds = {name: [] for name in names}
-    for r in range(repeats):
+    for r in range(repeats if names else 0):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             seconds[name].append(timed(contenders[name], device))
     return seconds
@@ -658,8 +658,17 @@ class RepeatedBatch:
         return self.batch
 
 
+class Mode(NamedTuple):
+    """One way of taking a training step: the step, and the model and optimizer it updates (what it holds between
+    steps: its weights and the optimizer's state)."""
+
+    step: Callable[[], None]
+    model: torch.nn.Module
+    optimizer: object
+
+
 def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int, precision: str, device: str,
-                       modes: Iterable[str]) -> dict[str, Callable[[], None]]:  # fmt: skip
+                       modes: Iterable[str]) -> dict[str, Mode]:  # fmt: skip
     """One optimizer step of train_gpt2.py's own code (accumulation, GradScaler, clipping, fused AdamW) for each mode
     asked: eager, compiled, eager with the unfused math attention kernel, and compiled with Muon beside AdamW (a model
     of its own, with its own optimizer)."""
@@ -674,9 +683,10 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
         model = GPT(config).to(device)
         return model, model.configure_optimizers(0.1, 6e-4, muon_lr)
 
-    def step_of(module: torch.nn.Module, optimizer, attention=contextlib.nullcontext) -> Callable[[], None]:
+    def mode(model: torch.nn.Module, optimizer, compiled: bool, attention=contextlib.nullcontext) -> Mode:
         # a GradScaler each: a step that fails halfway (out of memory) leaves its scaler's state to itself
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+        module = torch.compile(model) if compiled else model
 
         def step():
             optimizer.zero_grad(set_to_none=True)  # what a failed step may have left behind
@@ -684,41 +694,44 @@ def gpu_training_steps(config: GPTConfig, B: int, T: int, total_batch_size: int,
                 train_gpt2.accumulate_gradients(module, batches, grad_accum_steps, autocast, scaler, device)
                 train_gpt2.clip_and_step(module, optimizer, scaler, 6e-4, 1.0)
 
-        return step
-
-    def muon_step() -> Callable[[], None]:
-        muon_model, muon_optimizer = model_and_optimizer(0.01)
-        return step_of(torch.compile(muon_model), muon_optimizer)
+        return Mode(step, model, optimizer)
 
     model, optimizer = model_and_optimizer(None)
     makers = {
-        "eager": lambda: step_of(model, optimizer),
-        "compiled": lambda: step_of(torch.compile(model), optimizer),
-        "eager, math attention": lambda: step_of(model, optimizer, lambda: sdpa_kernel(SDPBackend.MATH)),
-        "compiled, Muon": muon_step,
+        "eager": lambda: mode(model, optimizer, False),
+        "compiled": lambda: mode(model, optimizer, True),
+        "eager, math attention": lambda: mode(model, optimizer, False, lambda: sdpa_kernel(SDPBackend.MATH)),
+        "compiled, Muon": lambda: mode(*model_and_optimizer(0.01), True),
     }
-    return {mode: makers[mode]() for mode in modes}
+    return {name: makers[name]() for name in modes}
 
 
-def auto_micro_batch(config: GPTConfig, T: int, total_batch_size: int, precision: str, device: str) -> int:
-    """What --batch-size auto picks for this model, sequence and precision on this GPU (planning's probe)."""
+def auto_micro_batch(config: GPTConfig, T: int, total_batch_size: int, precision: str, device: str,
+                     compiled: bool) -> int:  # fmt: skip
+    """What --batch-size auto picks for this model, sequence and precision on this GPU (planning's probe): measured
+    eagerly only, as for an uncompiled run, or with its compiled try, as for a compiled one."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     autocast = train_gpt2.autocast_for(device, precision)
     found = planning.largest_micro_batch(model, autocast, scaler, device, T, total_batch_size // T,
-                                         unallocated_state_bytes(optimizer))  # fmt: skip
+                                         unallocated_state_bytes(optimizer), compiled, lambda line: None)  # fmt: skip
     model = optimizer = None
     torch.cuda.empty_cache()
     return found
+
+
+# each mode's speed-up is against the one it changes one thing of: Muon's row shows Muon's cost
+AGAINST = {"compiled": "eager", "eager, math attention": "eager", "compiled, Muon": "compiled"}
 
 
 def bench_gpu(args: argparse.Namespace):
     """ms per step, tokens/s, MFU and peak memory of 124M training steps of 65,536 tokens: the seed's T4 setting
     (micro batch 4 x 1,024, fp16 with a GradScaler) and 16 x 1,024 in bf16, each eager, compiled, with the math
     attention kernel instead of PyTorch's fused ones, and compiled with Muon; then, compiled, the micro batch that
-    --batch-size auto picks on this card in each precision."""
+    --batch-size auto picks on this card in its precision, measured eagerly and measured compiled. A row that runs
+    out of memory says so; one that fails for any other reason makes the benchmark fail, once every row is done."""
     if not torch.cuda.is_available():
         print("\n## gpu: skipped, this machine has no CUDA GPU (torch.cuda.is_available() is False)")
         return
@@ -729,17 +742,20 @@ def bench_gpu(args: argparse.Namespace):
     fused = "flash or cuDNN" if major >= 8 else "memory-efficient"
     config = GPTConfig(vocab_size=50304)
     flops = train_gpt2.flops_per_token(config, 1024)
-    precisions = ["fp16", "bf16"] if major >= 8 else ["fp16"]
+    native = "bf16" if major >= 8 else "fp16"  # what the run picks here (choose_precision)
     every = ["eager", "compiled", "eager, math attention", "compiled, Muon"]
-    settings = [(4, "fp16", "4", every), (16, "bf16", "16", every)]  # the seed's T4 setting; a large card's
-    settings += [(auto_micro_batch(config, 1024, 65536, p, device), p, "auto", ["compiled"]) for p in precisions]
+    settings = [("4 x 1024", 4, "fp16", every), ("16 x 1024", 16, "bf16", every)]  # the seed's T4 setting; a big card's
+    auto = {probe: auto_micro_batch(config, 1024, 65536, native, device, probe == "compiled")
+            for probe in ("eager", "compiled")}  # fmt: skip
+    for probe, B in auto.items() if auto["eager"] != auto["compiled"] else [("eager and compiled", auto["eager"])]:
+        settings.append((f"{B} x 1024 (auto, measured {probe})", B, native, ["compiled"]))
     peaks = {precision: peak_flops(device, precision) for precision in ("fp16", "bf16")}
     print(f"\n## gpu: GPT-2 124M training steps of 65,536 tokens ({machine_line(device)}, compute capability "
           f"{major}.{minor}: fused attention is PyTorch's {fused} kernel; MFU against the {peaks['fp16'][1]})\n")
-    print("| micro batch | precision | mode | ms/step | tokens/s | MFU | peak memory | vs eager |")
+    print("| micro batch | precision | mode | ms/step | tokens/s | MFU | peak memory | speed-up |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for B, precision, label, modes in settings:
-        micro = f"{B} x 1024" + (" (auto)" if label == "auto" else "")
+    failed = []
+    for micro, B, precision, modes in settings:
         if precision == "bf16" and major < 8:
             print(f"| {micro} | bf16 | - | needs compute capability 8.0 | | | | |")
             continue
@@ -747,19 +763,26 @@ def bench_gpu(args: argparse.Namespace):
             steps = gpu_training_steps(config, B, 1024, 65536, precision, device, modes)
             for name, problem in failing_steps(steps, device).items():
                 print(f"| {micro} | {precision} | {name} | {problem} | | | | |")
-            seconds = race(steps, args.repeats, device)
-            peak_memory = {name: peak_memory_of(step, device) for name, step in steps.items()}
+                failed += [] if problem == OUT_OF_MEMORY else [f"{micro} {precision} {name}: {problem}"]
+            seconds = race({name: mode.step for name, mode in steps.items()}, args.repeats, device)
+            peak_memory = {name: peak_memory_of(mode, device) for name, mode in steps.items()}
         steps = None  # the next setting starts with this one's models, optimizers and graphs freed
         torch.cuda.empty_cache()
         for name, times in seconds.items():
             tokens_per_s = 65536 / statistics.median(times)
-            vs_eager = f"{median_ratio(seconds['eager'], times):.2f}x" if "eager" in seconds else "-"
+            against = AGAINST.get(name)
+            speed_up = f"{median_ratio(seconds[against], times):.2f}x {against}" if against in seconds else "-"
             print(f"| {micro} | {precision} | {name} | {statistics.median(times) * 1000:,.0f} | {tokens_per_s:,.0f} "
                   f"| {flops * tokens_per_s / peaks[precision][0]:.0%} | {peak_memory[name] / 2**30:.1f} GiB "
-                  f"| {vs_eager} |", flush=True)  # fmt: skip
-    print(f"\nmedian of {args.repeats} alternating rounds after a warm-up step (and compilation) for each. Goal on "
-          "an H100: 16 x 1024 bf16 compiled at 470,000 tokens/s or more (llm.c's rate per GPU). The auto rows: the "
-          "micro batch --batch-size auto picks on this card, against the compiled rows above it.")
+                  f"| {speed_up} |", flush=True)  # fmt: skip
+    print(f"\nmedian of {args.repeats} alternating rounds after a warm-up step (and compilation) for each; speed-up "
+          "against the row of the same micro batch that differs in one thing (Muon's: against AdamW compiled); peak "
+          "memory: what the CUDA allocator reserved at the step's peak, counting the mode's own weights and optimizer "
+          "state but not the other modes' models held beside it. Goal on an H100: 16 x 1024 bf16 compiled at 470,000 "
+          "tokens/s or more (llm.c's rate per GPU). The auto rows: the micro batch --batch-size auto picks on this "
+          "card, measured eagerly (an uncompiled run) and with its compiled try (a compiled run), both run compiled.")
+    if failed:
+        raise SystemExit("bench.py gpu: rows failed for another reason than memory:\n" + "\n".join(failed))
 
 
 @contextlib.contextmanager
@@ -781,26 +804,41 @@ def fresh_compile_cache():
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
-def failing_steps(steps: dict[str, Callable[[], None]], device: str) -> dict[str, str]:
-    """Run each step once on its own (compiling it): those that fail, out of memory or in the compiler, leave
-    `steps` with the reason, so that one mode that does not fit does not cost the others their row."""
+OUT_OF_MEMORY = "out of memory"
+
+
+def failing_steps(steps: dict[str, Mode], device: str) -> dict[str, str]:
+    """Run each step once on its own (compiling it): those that fail leave `steps` with the reason, so that one mode
+    that does not fit does not cost the others their row. Out of memory (of any kind: devices.is_out_of_memory)
+    is a measurement; anything else is a failure, which bench_gpu reports once every row is done."""
     problems = {}
     for name in list(steps):
         try:
-            steps[name]()
+            steps[name].step()
             torch.cuda.synchronize(device)
-        except Exception as e:  # torch.cuda.OutOfMemoryError, or Inductor's errors that wrap it
-            problems[name] = f"failed: {first_line(e)}"
+        except Exception as e:  # torch.cuda.OutOfMemoryError, Inductor's errors that wrap it, or a real failure
+            problems[name] = OUT_OF_MEMORY if is_out_of_memory(e) else f"failed: {first_line(e)}"
             del steps[name]
         torch.cuda.empty_cache()
     return problems
 
 
-def peak_memory_of(step: Callable[[], None], device: str) -> int:
-    """The most memory one more call of step allocates at once, in bytes."""
+def held_bytes(model: torch.nn.Module, optimizer) -> int:
+    """What a model keeps between steps: its weights and its optimizer's state (gradients go at each step's end)."""
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *state])
+
+
+def peak_memory_of(mode: Mode, device: str) -> int:
+    """The memory one more step of this mode reserves at its peak, as if it ran alone: what the allocator reserved
+    at the peak above what it held before the step (cache emptied), plus the mode's own weights and optimizer state.
+    Reserved, not allocated: what --plan and --batch-size auto count, with the allocator's rounding and caching."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step()
-    return torch.cuda.max_memory_allocated(device)
+    mode.step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_reserved(device) - before + held_bytes(mode.model, mode.optimizer)
 
 
 BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval,

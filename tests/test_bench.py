@@ -86,7 +86,7 @@ def test_eval_benchmark_reference_scores_what_evaluate_scores():
 def test_gpu_benchmark_skips_without_a_gpu_and_steps_with_the_training_code(capsys, monkeypatch):
     """`python bench.py gpu` says it has nothing to measure on a CPU; its steps (train_gpt2.py's accumulation,
     GradScaler, clipping and AdamW, eager and with the math attention kernel, and Muon's) run on any device."""
-    from bench import gpu_training_steps
+    from bench import gpu_training_steps, held_bytes
     from train_gpt2 import GPTConfig
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
@@ -100,18 +100,22 @@ def test_gpu_benchmark_skips_without_a_gpu_and_steps_with_the_training_code(caps
     steps = gpu_training_steps(config, 2, 16, 64, "fp16", "cpu", modes)  # 2 accumulation steps, with a GradScaler
     assert list(steps) == modes
     for mode in ("eager", "eager, math attention", *(["compiled, Muon"] if hasattr(torch.optim, "Muon") else [])):
-        steps[mode]()
+        steps[mode].step()
+    assert steps["eager"].model is steps["compiled"].model and steps["compiled, Muon"].model is not steps["eager"].model
+    # what a mode holds between steps: weights, and AdamW's two moments (and a step count) once it has stepped
+    params = list(steps["eager"].model.parameters())
+    weights = sum(p.numel() * 4 for p in params)
+    assert held_bytes(steps["eager"].model, steps["eager"].optimizer) == 3 * weights + 4 * len(params)
     torch._dynamo.reset()
 
 
 def test_gpu_benchmark_drops_a_mode_that_fails_and_compiles_from_an_empty_cache(monkeypatch):
-    """One mode that does not fit in memory must not cost the others their rows; and no graph compiled elsewhere,
-    under another choice of attention kernel, may be reused (torch.compile's cache key leaves that choice out)."""
+    """One mode that does not fit in memory must not cost the others their rows, and is a measurement; any other
+    failure is named as one. No graph compiled elsewhere, under another choice of attention kernel, may be reused
+    (torch.compile's cache key leaves that choice out)."""
     import os
 
-    import torch
-
-    from bench import failing_steps, fresh_compile_cache
+    from bench import Mode, failing_steps, fresh_compile_cache
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -120,9 +124,15 @@ def test_gpu_benchmark_drops_a_mode_that_fails_and_compiles_from_an_empty_cache(
     def out_of_memory():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
 
-    steps = {"eager": lambda: ran.append("eager"), "eager, math attention": out_of_memory}
-    assert failing_steps(steps, "cuda") == {"eager, math attention": "failed: CUDA out of memory. Tried to allocate "
-                                                                     "12.00 GiB"}  # fmt: skip
+    def compiler_error():
+        raise RuntimeError("backend='inductor' raised: CompilationError: at 12:4")
+
+    steps = {name: Mode(step, None, None) for name, step in [("eager", lambda: ran.append("eager")),
+             ("eager, math attention", out_of_memory), ("compiled", compiler_error)]}  # fmt: skip
+    assert failing_steps(steps, "cuda") == {
+        "eager, math attention": "out of memory",
+        "compiled": "failed: backend='inductor' raised: CompilationError: at 12:4",
+    }
     assert list(steps) == ["eager"] and ran == ["eager"]
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
@@ -130,6 +140,47 @@ def test_gpu_benchmark_drops_a_mode_that_fails_and_compiles_from_an_empty_cache(
         inside = os.environ["TORCHINDUCTOR_CACHE_DIR"]
         assert inside != "/somewhere/else" and os.listdir(inside) == []
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else" and not os.path.exists(inside)
+
+
+@pytest.mark.parametrize("failure", [None, torch.cuda.OutOfMemoryError("CUDA out of memory"),
+                                     RuntimeError("CUDA error: an illegal memory access was encountered")])  # fmt: skip
+def test_the_gpu_benchmark_fails_when_a_row_fails_for_another_reason_than_memory(monkeypatch, capsys, failure):
+    """bench.py gpu on a faked card, with every step faked: all rows print, and a row that failed for another reason
+    than memory makes the benchmark exit non-zero (a GPU check that cannot fail proves nothing)."""
+    import bench
+
+    def steps(config, B, T, total, precision, device, modes):
+        def step():
+            if failure is not None and B == 16:
+                raise failure
+
+        return {name: bench.Mode(step, torch.nn.Linear(1, 1), torch.optim.SGD([torch.ones(1)], lr=1.0))
+                for name in modes}  # fmt: skip
+
+    for name, value in [("is_available", True), ("get_device_capability", (9, 0)), ("synchronize", None),
+                        ("empty_cache", None), ("memory_reserved", 0), ("reset_peak_memory_stats", None),
+                        ("max_memory_reserved", 2**30)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value, **kwargs: value)
+    monkeypatch.setattr(bench, "gpu_training_steps", steps)
+    monkeypatch.setattr(bench, "auto_micro_batch", lambda *args: 32 if args[-1] else 16)
+    monkeypatch.setattr(bench, "peak_flops", lambda device, precision: (1e15, "a faked peak"))
+    monkeypatch.setattr(bench, "machine_line", lambda device: "a faked card")
+    if failure is not None and not isinstance(failure, torch.cuda.OutOfMemoryError):
+        with pytest.raises(SystemExit, match="rows failed for another reason than memory:\n16 x 1024 bf16 eager: "
+                                             "failed: CUDA error: an illegal memory access"):  # fmt: skip
+            bench.main(["gpu", "--repeats", "1"])
+    else:
+        bench.main(["gpu", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    expected_rows = 4 + 4 + 2  # two settings of four modes; the auto micro batch measured eagerly, and compiled
+    assert len(rows) == expected_rows, rows
+    assert rows[-2].startswith("| 16 x 1024 (auto, measured eager) | bf16 | compiled |")
+    assert rows[-1].startswith("| 32 x 1024 (auto, measured compiled) | bf16 | compiled |")
+    muon = next(row for row in rows if row.startswith("| 4 x 1024 | fp16 | compiled, Muon |"))
+    assert muon.endswith("x compiled |"), "Muon's cost: against AdamW, compiled"
+    if failure is not None:
+        oom = isinstance(failure, torch.cuda.OutOfMemoryError)
+        assert ("out of memory" if oom else "failed: CUDA error") in rows[4], rows[4]
 
 
 def test_the_eval_benchmark_runs_on_generated_text_in_a_clone_without_real_text(monkeypatch, tmp_path):
