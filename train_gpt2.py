@@ -52,7 +52,7 @@ from gpt2lite.cli import ArgumentParser, InputError, check_sampling_args, first_
 from gpt2lite.cpu_decode import few_row_matmuls
 from gpt2lite.devices import PRECISIONS, compile_error, peak_flops
 from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, copy_hf_weights, get_tokenizer, load_hf_model, save_hf_folder
-from gpt2lite.optimizers import JointOptimizer
+from gpt2lite.optimizers import JointOptimizer, share_across_processes
 from gpt2lite.run import MODEL_FLAGS, Processes, Run, check_inputs, describe_run, make_run_dir, micro_batch, resume
 from gpt2lite.shards import checked_tokens, find_shards, load_tokens
 
@@ -291,7 +291,7 @@ class GPT(nn.Module):
         # c_fc. The schedule scales both peaks (lr_scale); decay shrinks a weight by lr x weight_decay a step in both.
         muon_group = {"params": hidden, "lr_scale": muon_lr / learning_rate}
         muon = torch.optim.Muon([muon_group], lr=muon_lr, weight_decay=weight_decay * learning_rate / muon_lr)
-        return JointOptimizer(muon, adamw)  # one optimizer to GradScaler: an fp16 overflow skips both
+        return JointOptimizer(share_across_processes(muon), adamw)  # one to GradScaler: an overflow skips both
 
 
 def model_from_checkpoint(state: dict, path: str) -> GPT:
@@ -630,13 +630,13 @@ def clip_and_step(
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, loader: DataLoader, steps: int, autocast, device: str) -> float:
-    """Mean loss per token over `steps` x B validation windows spread over the whole split, the same every time
-    (`spread_batches`). Under DDP each process scores its rows of every batch, and the processes add up their
-    summed losses and target counts: the loss one process would compute alone."""
+def estimate_loss(model: nn.Module, loader: DataLoader, windows: int, autocast, device: str) -> float:
+    """Mean loss per token over `windows` validation windows spread over the whole split, the same every time
+    (`spread_batches`), whatever the loader's batch. Under DDP each process scores its rows of every batch, and the
+    processes add up their summed losses and target counts: the loss one process would compute alone."""
     model.eval()
     loss_sum, n_targets = torch.zeros((), device=device), 0
-    for x, y in loader.spread_batches(steps * loader.B):
+    for x, y in loader.spread_batches(windows):
         n = int((y != IGNORE).sum())
         # a batch that is all padding for this process skips its forward: no other process waits on it, since a
         # forward without gradients holds no collective (the model has no buffers for DDP to broadcast)
@@ -692,11 +692,11 @@ def wrap_model(run: Run) -> tuple[nn.Module, bool]:
     model, device, cuda = run.raw_model, run.device, torch.device(run.device).type == "cuda"
     if dist.is_initialized():
         model = DDP(run.raw_model, device_ids=[torch.device(device)] if cuda else None)
-    if not (cuda if run.args.compile is None else run.args.compile):
+    if not run.wants_compile:
         return model, False
     compiled = torch.compile(model)  # compiles at its first calls: one training and one evaluation call, now
     # inputs and targets as two tensors: one tensor passed as both would be guarded on, and recompiled for later
-    x, y = torch.randint(0, run.raw_model.config.vocab_size, (2, run.args.batch_size, run.args.seq_len), device=device)
+    x, y = torch.randint(0, run.raw_model.config.vocab_size, (2, run.micro_batch, run.args.seq_len), device=device)
     error = compile_error(compiled, model, x, y, run.autocast, run.val_loader.B)
     failed = torch.tensor(float(error is not None), device=device)
     if dist.is_initialized():
@@ -747,7 +747,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     # evaluation, sampling, checkpoints
     add("--eval-interval", type=int, default=250, help="steps between validation losses")
-    add("--eval-steps", type=int, default=20, help="validation batches, spread evenly over the whole split")
+    add("--eval-steps", type=int, default=20, help="validation batches of 4 windows, spread over the whole split")
     add("--sample-interval", type=int, default=1000, help="steps between text samples (0 = never)")
     add("--hellaswag-interval", type=int, default=0, help="steps between HellaSwag accuracies (0 = never)")
     add("--hellaswag-data", help="HellaSwag jsonl (default: downloaded once into data/hellaswag)")
@@ -795,8 +795,8 @@ def prepare_model(run: Run):
         torch.backends.cudnn.allow_tf32 = True
     muon_lr = run.args.muon_lr if run.args.optimizer == "muon" else None
     run.optimizer = run.raw_model.configure_optimizers(run.args.weight_decay, run.args.max_lr, muon_lr)
-    if run.args.batch_size == "auto":  # CUDA: the largest micro batch that fits beside the model and the optimizer's
-        planning.fit_micro_batch(run)  # state to come, measured before wrap_model compiles at that batch
+    if run.args.batch_size == "auto" and device_type == "cuda":  # the largest micro batch that fits beside the model
+        planning.fit_micro_batch(run)  # and its optimizer's state to come, measured before wrap_model compiles
     run.model, run.compiled = wrap_model(run)
     torch.manual_seed(run.args.seed + run.rank)  # dropout differs between processes
     run.flops_per_token = flops_per_token(run.raw_model.config, run.args.seq_len)
@@ -817,7 +817,7 @@ def start_run(args: argparse.Namespace, given: set[str], procs: Processes) -> Ru
 
 def validate(run: Run, step: int) -> bool:
     """The validation loss, logged, best.pt kept; True when --patience evaluations have not improved on it."""
-    val_loss = estimate_loss(run.model, run.val_loader, run.args.eval_steps, run.autocast, run.device)
+    val_loss = estimate_loss(run.model, run.val_loader, run.val_windows, run.autocast, run.device)
     improved = val_loss < run.best_val_loss
     if improved:
         run.best_val_loss, run.evals_without_improvement = val_loss, 0
@@ -929,7 +929,7 @@ def plan(args: argparse.Namespace, given: set[str], procs: Processes):
     planning.plan_run(
         run,
         step_seconds=lambda: train_step(run, run.step).seconds,
-        validate=lambda: estimate_loss(run.model, run.val_loader, args.eval_steps, run.autocast, run.device),
+        validate=lambda: estimate_loss(run.model, run.val_loader, run.val_windows, run.autocast, run.device),
     )
 
 

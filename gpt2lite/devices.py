@@ -58,6 +58,20 @@ def device_and_model(
     return device, model
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from, is a GPU running out of memory: the caching allocator's
+    torch.cuda.OutOfMemoryError, or memory that runs out outside it ("CUDA error: out of memory" from a kernel
+    launch, cuBLAS's or cuDNN's *_ALLOC_FAILED), also where the compiler wraps it in an error of its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def compile_error(
     compiled: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, eval_rows: int
 ) -> str | None:

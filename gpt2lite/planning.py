@@ -6,6 +6,7 @@ what to change before starting it; and two questions for the device: which atten
 the largest micro batch that fits. Nothing here writes a file.
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -20,9 +21,9 @@ import torch.nn as nn
 
 from gpt2lite.checkpoints import checkpoint_size, step_checkpoints
 from gpt2lite.cli import InputError, duration
-from gpt2lite.devices import PRECISIONS
+from gpt2lite.devices import PRECISIONS, is_out_of_memory
 from gpt2lite.optimizers import unallocated_state_bytes
-from gpt2lite.run import accumulation_steps, make_loader
+from gpt2lite.run import accumulation_steps, eval_batch, make_loader
 
 # Hoffmann et al. 2022 ("Chinchilla"): about 20 training tokens per parameter is compute-optimal
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20
@@ -33,8 +34,7 @@ COLAB_SESSION_HOURS = 12  # a free Colab session's limit at most; most end soone
 
 
 # the run's own flags among the facts
-RUN_SETTINGS = ("batch_size", "seq_len", "max_steps", "eval_interval", "ckpt_interval", "keep_last", "patience",
-                "run_dir", "resume")  # fmt: skip
+RUN_SETTINGS = ("seq_len", "max_steps", "eval_interval", "ckpt_interval", "keep_last", "patience", "run_dir", "resume")
 
 
 @dataclass
@@ -227,85 +227,148 @@ def memory_budget(device: str) -> int:
     the card's memory within any per-process cap (torch.cuda.set_per_process_memory_fraction) and beside what
     other processes hold."""
     total = torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(MEMORY_WARNING_SHARE * min(total * memory_fraction(device), free + torch.cuda.memory_reserved(device)))
+
+
+def memory_fraction(device: str) -> float:
+    """The per-process cap on PyTorch's allocator, as a share of the card (1.0 where this torch has no getter)."""
     index = torch.device(device).index  # None for "cuda": the fraction's getter wants the index itself
     index = torch.cuda.current_device() if index is None else index
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)  # 1.0: no getter
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(MEMORY_WARNING_SHARE * min(total * fraction, free + torch.cuda.memory_reserved(device)))
+    return getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
 
 
-def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool]) -> int:
-    """The largest micro batch of 1, 2, 4, ... sequences that divides a step's sequences and fits (0 if none does),
-    trying each in turn until one does not."""
-    largest, batch = 0, 1
+@contextlib.contextmanager
+def allocator_capped_at(budget: int, device: str):
+    """PyTorch's allocator capped at `budget` bytes while the block runs, and the earlier cap back after. A micro batch
+    that does not fit then fails inside the allocator, at the budget, and leaves the memory above it free: uncapped,
+    it would take the card to its limit, and the next need for memory the allocator does not manage (a CUDA kernel
+    module loaded on first use, cuBLAS's workspace) would fail with a plain "CUDA error: out of memory"."""
+    previous = memory_fraction(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(previous, budget / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
+def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool], start: int = 1) -> int:
+    """The largest micro batch of start, 2 start, 4 start, ... sequences that divides a step's sequences and fits (0
+    if none does), trying each in turn until one does not."""
+    largest, batch = 0, start
     while batch <= sequences_per_step and sequences_per_step % batch == 0 and fits(batch):
         largest, batch = batch, batch * 2
     return largest
 
 
+def step_fits(model: nn.Module, autocast, scaler, device: str, seq_len: int, batch: int, budget: int) -> bool:
+    """Whether the forward and backward of a micro batch of `batch` sequences, twice (the second with every gradient
+    held, as accumulation does), stay within budget: an out-of-memory error of any kind says no. Any other error is a
+    bug, and propagates."""
+    x = loss = None
+    try:
+        torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)  # (B, T)
+        for _ in range(2):
+            with autocast():
+                _, loss = model(x, x)
+            scaler.scale(loss).backward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_reserved(device) <= budget
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        return False
+    finally:
+        x = loss = None  # free the batch's activations before the next, larger one
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def compiled_step_fits(model: nn.Module, autocast, scaler, device: str, seq_len: int, batch: int,
+                       budget: int) -> bool:  # fmt: skip
+    """step_fits for the model compiled as the run compiles it, at this batch alone (dynamic=False: a graph for this
+    shape). Compiling forgets everything compiled before, so the run's own compile starts clean (Inductor's cache on
+    disk still serves it). A compile that fails for another reason than memory also says no: the run's own compile
+    (wrap_model) meets it again, says why, and trains uncompiled, at the batch that fits eagerly."""
+    try:
+        return step_fits(torch.compile(model, dynamic=False), autocast, scaler, device, seq_len, batch, budget)
+    except Exception:  # torch._dynamo and Inductor raise many kinds
+        return False
+    finally:
+        torch._dynamo.reset()
+
+
 def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len: int, sequences_per_step: int,
-                        reserve_bytes: int = 0) -> int:  # fmt: skip
+                        reserve_bytes: int = 0, compiled: bool = False, say: Callable = print) -> int:  # fmt: skip
     """The largest power-of-two micro batch that divides a step's sequences and whose forward and backward, twice,
     fit this GPU's memory budget, with its headroom, beside what the run holds already (weights, gradients) and
     reserve_bytes held aside for what it will hold (the optimizer's state, allocated at its first step), at the run's
-    sequence length and precision. Tried on the eager model: a compiled step takes less memory, so what fits here
-    fits the run."""
+    sequence length and precision; 0 if not even one sequence fits. The allocator is capped at the budget meanwhile.
+
+    Tried eagerly first: eager steps are quick to try. A compiled step keeps fewer activations (Inductor fuses
+    elementwise work: 10.4 GiB against 16.5 at 16 x 1,024 in bf16 on the H200, README), so where the run compiles,
+    twice the eager answer is tried compiled. Not four times: a compiled step's activations are about 0.6 of an eager
+    one's, so four times would need more than the twice that did not fit eagerly, and each compiled try costs a
+    compile (a minute or more)."""
     budget = memory_budget(device)
-
-    def fits(batch: int) -> bool:
-        x = loss = None
+    with allocator_capped_at(budget, device):
         try:
-            torch.cuda.reset_peak_memory_stats(device)
-            x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)  # (B, T)
-            for _ in range(2):  # the second micro batch runs with every gradient held, as accumulation does
-                with autocast():
-                    _, loss = model(x, x)
-                scaler.scale(loss).backward()
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_reserved(device) <= budget
+            reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)  # held while the batches are tried
         except torch.cuda.OutOfMemoryError:
-            return False
+            return 0
+        try:
+            shapes = autocast, scaler, device, seq_len
+            largest = largest_power_of_two(sequences_per_step, lambda b: step_fits(model, *shapes, b, budget))
+            twice = 2 * largest
+            if compiled and largest and twice <= sequences_per_step and sequences_per_step % twice == 0:
+                say(f"--batch-size auto: {largest} x {seq_len} fits eagerly; trying {twice} x {seq_len} compiled, as "
+                    "the run will be (compiling takes a minute or more)")  # fmt: skip
+                if compiled_step_fits(model, *shapes, twice, budget):
+                    largest = twice
         finally:
-            x = loss = None  # free the batch's activations before the next, larger one
-            model.zero_grad(set_to_none=True)
+            del reserve
             torch.cuda.empty_cache()
-
-    try:
-        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)  # held while the batches are tried
-    except torch.cuda.OutOfMemoryError:
-        return 0
-    largest = largest_power_of_two(sequences_per_step, fits)
-    del reserve
-    torch.cuda.empty_cache()
     return largest
 
 
-def fit_micro_batch(run):
-    """--batch-size auto on CUDA: the largest micro batch that fits (largest_micro_batch, with the optimizer's state
-    still to come held aside), the same on every process (the smallest any of them found); the training loader and
-    the accumulation steps follow, so --total-batch-size, and the gradient, stay as they are."""
-    args = run.args
-    sequences_per_step = args.total_batch_size // (args.seq_len * run.world_size)  # one process's share of a step
+def probe_micro_batch(run, sequences_per_step: int) -> int:
+    """largest_micro_batch for this run: its model and precision, compiled where the run compiles, with the
+    optimizer's state still to come (and under DDP the gradient buckets, a copy of the gradients) held aside; the
+    same on every process (the smallest any of them found)."""
     reserve = unallocated_state_bytes(run.optimizer)
-    if run.world_size > 1:  # DDP's gradient buckets, a copy of the gradients
+    if run.world_size > 1:
         reserve += sum(p.numel() * p.element_size() for p in run.raw_model.parameters())
-    found = torch.tensor(largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, args.seq_len,
-                                             sequences_per_step, reserve), device=run.device)  # fmt: skip
+    # before wrap_model, whether the run asks to compile; after it, whether compiling worked
+    compiled = run.compiled or (run.model is None and run.wants_compile)
+    found = largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, run.args.seq_len,
+                                sequences_per_step, reserve, compiled, run.say)  # fmt: skip
+    found = torch.tensor(found, device=run.device)
     if run.world_size > 1:
         dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return int(found.item())
+
+
+def fit_micro_batch(run):
+    """--batch-size auto on CUDA: the largest micro batch that fits (probe_micro_batch); the training loader and the
+    accumulation steps follow, so --total-batch-size, and the gradient, stay as they are. args.batch_size stays
+    "auto", in the checkpoint too: a resume, on another card or with more processes, measures again."""
+    args = run.args
+    sequences_per_step = args.total_batch_size // (args.seq_len * run.world_size)  # one process's share of a step
+    found = probe_micro_batch(run, sequences_per_step)
     budget = f"{gib(memory_budget(run.device))} of the {torch.cuda.get_device_name(run.device)}"
-    if found.item() == 0:
+    if found == 0:
         raise InputError(
             f"--batch-size auto: not even one sequence of --seq-len {args.seq_len} fits {budget} beside the model and "
             "its optimizer: lower --seq-len, or train a smaller model"
         )
-    args.batch_size = int(found.item())  # saved with the run's settings: a resume keeps it
-    run.train_loader = make_loader(type(run.train_loader), args, run.procs, "train", args.batch_size)
-    if args.batch_size < run.val_loader.B:  # validation keeps the seed's micro batch where it fits (check_inputs)
-        run.val_loader = make_loader(type(run.val_loader), args, run.procs, "val", args.batch_size)
-    run.grad_accum_steps = accumulation_steps(args, args.batch_size, run.world_size)
+    run.train_loader = make_loader(type(run.train_loader), args, run.procs, "train", found)
+    if eval_batch(found) < run.val_loader.B:  # validation's windows stay the same; only their batches get smaller
+        run.val_loader = make_loader(type(run.val_loader), args, run.procs, "val", eval_batch(found))
+    run.grad_accum_steps = accumulation_steps(args, found, run.world_size)
     run.say(
-        f"--batch-size auto: {args.batch_size} x {args.seq_len}, the largest power of two that divides a step's "
+        f"--batch-size auto: {found} x {args.seq_len}, the largest power of two that divides a step's "
         f"{sequences_per_step} sequences and fits {budget}"
     )
 
@@ -347,13 +410,14 @@ def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], obje
         device = torch.cuda.get_device_name(run.device)
         memory = torch.cuda.get_device_properties(run.device).total_memory
         sequences_per_step = args.total_batch_size // (args.seq_len * run.world_size)  # one process's share of a step
-        largest = largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, args.seq_len,
-                                      sequences_per_step, unallocated_state_bytes(run.optimizer))  # fmt: skip
+        # under --batch-size auto the run has just measured it
+        largest = run.micro_batch if args.batch_size == "auto" else probe_micro_batch(run, sequences_per_step)
     else:
         device, memory, largest = run.device, physical_memory_bytes(), None
     facts = Facts(
         parameters=sum(p.numel() for p in run.raw_model.parameters()),
         **{name: getattr(args, name) for name in RUN_SETTINGS},
+        batch_size=run.micro_batch,
         model=f"{config.n_layer} layers, width {config.n_embd}, context {config.block_size}",
         train_tokens=run.train_loader.total_tokens,
         val_tokens=run.val_loader.total_tokens,
@@ -364,7 +428,7 @@ def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], obje
         precision=run.precision,
         why=run.why,
         compiled=run.compiled,
-        attention=attention_kernel(config, args.batch_size, args.seq_len, PRECISIONS[run.precision], run.device),
+        attention=attention_kernel(config, run.micro_batch, args.seq_len, PRECISIONS[run.precision], run.device),
         seconds_per_step=seconds_per_step,
         eval_seconds=eval_seconds,
         mfu=run.mfu(args.total_batch_size / seconds_per_step),

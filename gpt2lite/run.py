@@ -37,6 +37,9 @@ from gpt2lite.optimizers import MUON_TORCH, load_keeping_settings, members, muon
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 SEED_MICRO_BATCH = 4  # the seed's 4 x 1,024, and what --batch-size auto means off CUDA, where nothing is measured
+# validation windows per --eval-steps, whatever the micro batch: the seed's 4, so that the windows validation reads
+# depend on --eval-steps and the data alone, not on the card, the micro batch, or how often a run was resumed
+EVAL_ROWS = SEED_MICRO_BATCH
 
 
 def micro_batch(text: str) -> int | str:
@@ -101,6 +104,18 @@ class Run:
     @property
     def master(self) -> bool:  # only rank 0 prints, logs, samples and writes checkpoints
         return self.rank == 0
+
+    @property
+    def micro_batch(self) -> int:  # sequences per forward and backward: --batch-size, or what auto found
+        return self.train_loader.B
+
+    @property
+    def wants_compile(self) -> bool:  # --compile, or by default on CUDA
+        return torch.device(self.device).type == "cuda" if self.args.compile is None else self.args.compile
+
+    @property
+    def val_windows(self) -> int:  # what estimate_loss reads, spread over the validation split
+        return self.args.eval_steps * EVAL_ROWS
 
     def say(self, *parts):
         if self.master:
@@ -208,6 +223,12 @@ def accumulation_steps(args: argparse.Namespace, batch_size: int, world_size: in
     return args.total_batch_size // tokens_per_micro_step
 
 
+def eval_batch(micro_batch: int) -> int:
+    """Validation's batch: its windows EVAL_ROWS at a time, or as many as training's micro batch where that is
+    smaller (the batches group the windows, and do not choose them)."""
+    return min(EVAL_ROWS, micro_batch)
+
+
 def make_loader(loader: type, args: argparse.Namespace, procs: Processes, split: str, batch_size: int):
     """The split's DataLoader, of the chapter's class: the train split's shuffled by --seed, the val split's read in
     order (validation spreads its windows, and needs no seed)."""
@@ -295,11 +316,12 @@ def check_inputs(
     if device:
         with problems:
             precision, why = choose_precision(device, args.dtype)
-    if args.batch_size == "auto" and not (device and torch.device(device).type == "cuda"):
-        args.batch_size = SEED_MICRO_BATCH
-    # auto on CUDA: training's micro batch is checked at one sequence here and measured once the model is on the GPU
-    # (fit_micro_batch); validation keeps the seed's, so that the windows it reads do not depend on the card
-    batch_size, val_batch_size = (1, SEED_MICRO_BATCH) if args.batch_size == "auto" else (args.batch_size,) * 2
+    # --batch-size auto stays "auto" in args, and so in the checkpoint: a resume measures again, since the card or the
+    # number of processes may have changed. On CUDA training's micro batch is checked at one sequence here and
+    # measured once the model is on the GPU (fit_micro_batch); elsewhere it is the seed's 4.
+    measured = args.batch_size == "auto" and bool(device) and torch.device(device).type == "cuda"
+    batch_size = 1 if measured else SEED_MICRO_BATCH if args.batch_size == "auto" else args.batch_size
+    val_batch_size = EVAL_ROWS if measured else eval_batch(batch_size)
     train_loader = val_loader = None
     if "seed" not in bad_flags:  # it orders the windows
         with problems:
@@ -378,8 +400,9 @@ def describe_run(run: Run):
     run.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
     if muon:
         matrices = [p for group in muon[0].param_groups for p in group["params"]]
-        run.say(f"Muon on the blocks' {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters), "
-                f"peak lr {args.muon_lr:g}; AdamW on the rest, peak lr {args.max_lr:g}")  # fmt: skip
+        shared = f", shared out among {run.world_size} processes" if run.world_size > 1 else ""  # ShardedMuon
+        run.say(f"Muon on the blocks' {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters"
+                f"{shared}), peak lr {args.muon_lr:g}; AdamW on the rest, peak lr {args.max_lr:g}")  # fmt: skip
     run.say(
         f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
         f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
@@ -390,15 +413,15 @@ def describe_run(run: Run):
         f"fused AdamW {bool(adamw.defaults.get('fused'))}"
     )
     run.say(
-        f"batch {args.total_batch_size:,} tokens = {args.batch_size} x {args.seq_len} x {run.world_size} process(es) "
+        f"batch {args.total_batch_size:,} tokens = {run.micro_batch} x {args.seq_len} x {run.world_size} process(es) "
         f"x {run.grad_accum_steps} accumulation steps | mfu against the {run.peak_source}, "
         f"{run.peak / 1e12:.3g} TFLOP/s"
     )
-    windows, rows = sum(run.val_loader.windows_per_shard), run.val_loader.B
-    every = math.ceil(windows / rows)  # the --eval-steps that reads all of them
+    windows = sum(run.val_loader.windows_per_shard)
+    every = math.ceil(windows / EVAL_ROWS)  # the --eval-steps that reads all of them
     coverage = "all of them" if args.eval_steps >= every else f"--eval-steps {every} reads all of them"
     run.say(
-        f"validation: {min(windows, args.eval_steps * rows):,} of the split's {windows:,} windows of "
+        f"validation: {min(windows, run.val_windows):,} of the split's {windows:,} windows of "
         f"{args.seq_len} tokens, evenly spread ({coverage})"
     )
     resumed_from = run.last_checkpoint

@@ -317,8 +317,8 @@ def test_validation_over_every_window_is_the_exact_loss_of_the_split(tmp_path):
     with torch.no_grad():
         logits, _ = model(windows[:, :-1])
         exact = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
-    for steps in (8, 100):  # 30 windows in 8 batches of 4 (the last half padding), or more batches than needed
-        assert estimate_loss(model, loader, steps, contextlib.nullcontext, "cpu") == pytest.approx(exact, rel=1e-6)
+    for windows in (30, 400):  # 30 windows in 8 batches of 4 (the last half padding), or more than there are
+        assert estimate_loss(model, loader, windows, contextlib.nullcontext, "cpu") == pytest.approx(exact, rel=1e-6)
     assert model.training, "estimate_loss hands the model back in training mode"
 
 

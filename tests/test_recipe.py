@@ -9,7 +9,6 @@ import contextlib
 import copy
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +16,8 @@ from test_train import TINY_RUN, FixedBatches, logged_events, logged_losses, no_
 
 import train_gpt2
 from conftest import tiny_config
-from gpt2lite import planning
 from gpt2lite.cli import InputError
-from gpt2lite.optimizers import JointOptimizer, unallocated_state_bytes
-from gpt2lite.run import Processes
+from gpt2lite.optimizers import JointOptimizer, share_out, unallocated_state_bytes
 from train_gpt2 import GPT, GPTConfig, accumulate_gradients, autocast_for, clip_and_step, get_lr
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9")
@@ -197,67 +194,86 @@ def test_bad_recipe_settings_get_one_line(tmp_path, data, extra, message):
     assert result.returncode != 0 and line.startswith("train_gpt2.py: error: ") and message in line, result.stderr
 
 
-# --- --batch-size auto ------------------------------------------------------------------------------------------
+# --- Muon under DDP: each process orthogonalises its share ----------------------------------------------------
 
 
-def test_auto_is_the_default_and_off_cuda_the_seeds_micro_batch_of_4(tmp_path, data):
-    at = TINY_RUN.index("--batch-size")
-    settings = TINY_RUN[:at] + TINY_RUN[at + 2 :]
-    args, _ = train_gpt2.parse_args(settings)
-    assert args.batch_size == "auto"
-    run = tmp_path / "run"
-    result = run_train(*settings, "--data-dir", str(data), "--run-dir", str(run), "--max-steps", "4",
-                       "--ckpt-interval", "4", "--eval-interval", "4", "--sample-interval", "0")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "batch 256 tokens = 4 x 32 x 1 process(es) x 2 accumulation steps" in result.stdout
-    assert "--batch-size auto" not in result.stdout, "nothing measured, nothing to say"
-    assert torch.load(run / "ckpt_000004.pt", weights_only=True)["args"]["batch_size"] == 4
+def gradients(model: GPT, step: int):
+    """The same gradients on every process, as DDP's all-reduce leaves them, and different at each step."""
+    generator = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
 
 
-@pytest.mark.parametrize(
-    "sequences, largest_that_fits, expected",
-    [(64, 16, 16), (64, 1000, 64), (48, 1000, 16), (48, 8, 8), (7, 1000, 1), (64, 0, 0), (1, 1000, 1)],
-)
-def test_the_largest_power_of_two_that_divides_a_step_and_fits(sequences, largest_that_fits, expected):
-    tried = []
+def sharded_muon_worker(rank: int, folder: str):
+    """One of two gloo processes: three steps of the joint optimizer, its state gathered after two and loaded into
+    a fresh optimizer that takes the third; what each process holds is saved for the test to compare."""
+    import torch.distributed as dist
 
-    def fits(batch):
-        tried.append(batch)
-        return batch <= largest_that_fits
+    torch.set_num_threads(1)  # the same kernels as the single process of the test, so the same bits
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(n_layer=2, n_embd=32, vocab_size=64))
+        optimizer = model.configure_optimizers(0.1, 1e-3, muon_lr=0.02)
+        muon = optimizer.optimizers[0]
+        for step in range(2):
+            gradients(model, step)
+            optimizer.step()
+        state = optimizer.state_dict()  # a collective: every process calls it
+        held = len(muon.state)
+        optimizer = model.configure_optimizers(0.1, 1e-3, muon_lr=0.02)
+        optimizer.load_state_dict(copy.deepcopy(state))  # a copy: loading keeps the tensors it is given
+        held_after_load = len(optimizer.optimizers[0].state)
+        gradients(model, 2)
+        optimizer.step()
+        torch.save({"weights": model.state_dict(), "state": state, "held": held, "held_after_load": held_after_load,
+                    "type": type(muon).__name__}, f"{folder}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
 
-    assert planning.largest_power_of_two(sequences, fits) == expected
-    assert tried == [2**i for i in range(len(tried))], "1, 2, 4, ... until one does not fit or divide"
 
+def test_under_ddp_each_process_orthogonalises_its_share_and_the_step_is_one_processs_bit_for_bit(tmp_path):
+    """Two gloo processes against one: the same weights bit for bit after three steps (the owner of a matrix runs
+    the same operations on the same numbers as the one process, and sends the result), each process holding the
+    momentum of about half the matrices, and a state dict that is the one process's, gathered, and that resumes."""
+    import torch.multiprocessing as mp
 
-def test_fit_micro_batch_rebuilds_the_loaders_and_keeps_the_tokens_per_step(data, monkeypatch, capsys):
-    """What --batch-size auto does with what the GPU probe found (the probe itself is CUDA's: tests/test_gpu.py):
-    training takes the micro batch found, validation keeps the seed's 4 unless fewer fit."""
-    found = {"largest": 8}
-
-    def probe(model, autocast, scaler, device, seq_len, sequences_per_step, reserve_bytes):
-        found.update(sequences=sequences_per_step, reserve=reserve_bytes)
-        return found["largest"]
-
-    monkeypatch.setattr(planning, "largest_micro_batch", probe)
-    monkeypatch.setattr(planning, "memory_budget", lambda device: 14 * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    args, _ = train_gpt2.parse_args([*TINY_RUN, "--data-dir", str(data), "--total-batch-size", "512"])
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
-    run = SimpleNamespace(args=args, procs=Processes(0, 0, 1), world_size=1, raw_model=model, device="cpu",
-                          autocast=contextlib.nullcontext, scaler=no_scaler(),
-                          optimizer=model.configure_optimizers(0.1, 1e-3), say=print)  # fmt: skip
-    for largest, val_rows in ((8, 4), (2, 2)):
-        found["largest"], args.batch_size = largest, "auto"
-        run.train_loader = train_gpt2.DataLoader(str(data), "train", 1, 32)  # as check_inputs leaves them
-        run.val_loader = train_gpt2.DataLoader(str(data), "val", 4, 32)
-        planning.fit_micro_batch(run)
-        assert found["sequences"] == 16 and found["reserve"] == 8 * sum(p.numel() for p in model.parameters())
-        assert args.batch_size == largest and run.grad_accum_steps == 16 // largest
-        assert run.train_loader.B == largest and run.train_loader.seed == args.seed and run.val_loader.B == val_rows
-    assert capsys.readouterr().out.splitlines()[0] == (
-        "--batch-size auto: 8 x 32, the largest power of two that divides a step's 16 sequences and fits 14.00 GiB "
-        "of the Tesla T4"
+    mp.spawn(sharded_muon_worker, args=(str(tmp_path),), nprocs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(n_layer=2, n_embd=32, vocab_size=64))
+        optimizer = model.configure_optimizers(0.1, 1e-3, muon_lr=0.02)
+        for step in range(3):
+            gradients(model, step)
+            optimizer.step()
+            if step == 1:
+                state = copy.deepcopy(optimizer.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert {r["type"] for r in ranks} == {"ShardedMuon"}
+    assert sorted(r["held"] for r in ranks) == [4, 4] and [r["held_after_load"] for r in ranks] == [4, 4], (
+        "8 matrices, 4 each: c_attn and the MLP's two are costlier than attn.c_proj, and balance out"
     )
-    found["largest"], args.batch_size = 0, "auto"
-    with pytest.raises(InputError, match=r"--batch-size auto: not even one sequence of --seq-len 32 fits 14.00 GiB"):
-        planning.fit_micro_batch(run)
+    for r in ranks:
+        for name, weight in model.state_dict().items():
+            assert torch.equal(r["weights"][name], weight), name
+    gathered, alone = ranks[0]["state"]["optimizers"][0], state["optimizers"][0]
+    assert gathered["param_groups"] == alone["param_groups"] and gathered["state"].keys() == alone["state"].keys()
+    for index, own in alone["state"].items():
+        assert torch.equal(gathered["state"][index]["momentum_buffer"], own["momentum_buffer"])
+
+
+def test_muons_matrices_are_shared_out_by_their_newton_schulz_work():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50304))
+    matrices = [p for group in model.configure_optimizers(0.1, 6e-4, 0.01).optimizers[0].param_groups
+                for p in group["params"]]  # fmt: skip
+    for world_size in (1, 2, 3, 8):
+        owners = share_out(matrices, world_size)
+        cost = [2 * min(p.shape) ** 2 * max(p.shape) + min(p.shape) ** 3 for p in matrices]
+        work = [sum(c for c, owner in zip(cost, owners) if owner == r) for r in range(world_size)]
+        assert max(work) <= 1.1 * sum(work) / world_size, (world_size, work)  # within 10% of an even share
+    assert sorted(share_out(matrices, 64)) == list(range(48)), "more processes than matrices: one each, some none"

@@ -275,6 +275,7 @@ def test_torchrun_with_two_processes_equals_one_with_twice_the_accumulation(tmp_
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "x 2 process(es) x 1 accumulation steps" in ddp.stdout
     assert "x 1 process(es) x 2 accumulation steps" in single.stdout
+    assert ("shared out among 2 processes" in ddp.stdout) == bool(optimizer), "Muon's Newton-Schulz, shared out"
     assert ddp.stdout.count("step 5/6 | loss") == 1, "only rank 0 prints"
     one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert [e[:2] for e in one] == [e[:2] for e in two]
@@ -377,7 +378,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--hellaswag-interval", "5", "--hellaswag-data", "NOWHERE"], "HellaSwag file"),
         (["--hellaswag-interval", "-1"], "--hellaswag-interval must not be negative"),
         (["--data-dir", "NO_VAL"], "holds no val shards"),
-        (["--batch-size", "16", "--seq-len", "64", "--total-batch-size", "1024"], "but one batch needs 16 windows"),
+        (["--batch-size", "128", "--seq-len", "64", "--total-batch-size", "8192"], "but one batch needs 128 windows"),
         (["--seed", "-1"], "--seed must not be negative"),
     ],
 )
@@ -734,7 +735,7 @@ def counting_compile(monkeypatch) -> list[bool]:
     return compiled_inside_ddp
 
 
-# validation's micro batch is training's, or under --batch-size auto on CUDA the seed's 4 beside a larger one
+# validation's batch is training's micro batch, or 4 beside a larger one (gpt2lite/run.py: eval_batch)
 @pytest.mark.parametrize("train_rows, val_rows", [(2, 2), (4, 2)])
 def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_path, small_data, monkeypatch,
                                                                            train_rows, val_rows):  # fmt: skip
@@ -750,7 +751,7 @@ def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_pa
         raw = GPT(tiny_config(vocab_size=50304, dropout=0.1))
         val_loader = train_gpt2.DataLoader(str(small_data), "val", val_rows, 16)
         run = SimpleNamespace(raw_model=raw, device="cpu", args=args, autocast=contextlib.nullcontext, say=print,
-                              val_loader=val_loader)  # fmt: skip
+                              val_loader=val_loader, micro_batch=train_rows, wants_compile=True)  # fmt: skip
         model, compiled = train_gpt2.wrap_model(run)
         assert compiled and isinstance(model._orig_mod, DDP) and model._orig_mod.module is raw
         assert len(compiled_inside_ddp) >= 2 and all(compiled_inside_ddp), "train and eval graphs, inside DDP"
@@ -758,7 +759,7 @@ def test_ddp_is_wrapped_before_compiling_and_both_graphs_compile_up_front(tmp_pa
         graphs = len(compiled_inside_ddp)
 
         # what the loop then does compiles nothing more: an evaluation, then a training step
-        train_gpt2.estimate_loss(model, val_loader, 2, contextlib.nullcontext, "cpu")
+        train_gpt2.estimate_loss(model, val_loader, 2 * val_rows, contextlib.nullcontext, "cpu")
         train_loader = train_gpt2.DataLoader(str(small_data), "train", train_rows, 16)
         accumulate_gradients(model, train_loader, 2, contextlib.nullcontext, no_scaler(), "cpu")
         assert len(compiled_inside_ddp) == graphs
