@@ -231,11 +231,15 @@ def memory_budget(device: str) -> int:
     return int(MEMORY_WARNING_SHARE * min(total * memory_fraction(device), free + torch.cuda.memory_reserved(device)))
 
 
+def device_index(device: str) -> int:
+    """The GPU's index: the memory fraction's getter and setter refuse "cuda" without one."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def memory_fraction(device: str) -> float:
     """The per-process cap on PyTorch's allocator, as a share of the card (1.0 where this torch has no getter)."""
-    index = torch.device(device).index  # None for "cuda": the fraction's getter wants the index itself
-    index = torch.cuda.current_device() if index is None else index
-    return getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+    return getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(device_index(device))
 
 
 @contextlib.contextmanager
@@ -246,11 +250,11 @@ def allocator_capped_at(budget: int, device: str):
     module loaded on first use, cuBLAS's workspace) would fail with a plain "CUDA error: out of memory"."""
     previous = memory_fraction(device)
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(previous, budget / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(previous, budget / total), device_index(device))
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(previous, device)
+        torch.cuda.set_per_process_memory_fraction(previous, device_index(device))
 
 
 def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool], start: int = 1) -> int:

@@ -219,8 +219,8 @@ def test_a_probe_step_that_runs_out_of_memory_does_not_fit_and_any_other_error_p
                 raise self.error
             return None, self.weight * x.float().mean()
 
-    fits = [planning.step_fits(Failing(error), contextlib.nullcontext, no_scaler(), "cpu", 8, 2, 100)
-            for error in (None, RuntimeError("CUDA error: out of memory"), torch.cuda.OutOfMemoryError("..."))]  # fmt: skip
+    errors = [None, RuntimeError("CUDA error: out of memory"), torch.cuda.OutOfMemoryError("...")]
+    fits = [planning.step_fits(Failing(e), contextlib.nullcontext, no_scaler(), "cpu", 8, 2, 100) for e in errors]
     assert fits == [True, False, False]
     model = Failing(ValueError("a bug"))
     with pytest.raises(ValueError, match="a bug"):
