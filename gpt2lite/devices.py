@@ -68,7 +68,8 @@ def is_out_of_memory(error: BaseException) -> bool:
         text = str(error)
         if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text:
             return True
-        error = error.__cause__ or error.__context__
+        # the error it was raised from, as Python's traceback follows the chain
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return False
 
 

@@ -129,8 +129,18 @@ def boot_id() -> str | None:
         return None
 
 
+def pid_namespace() -> str | None:
+    """Which process ids this process sees (Linux): two containers may share a host name and a boot, not their pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def on_this_machine(holder: dict) -> bool:
-    return holder.get("host") == socket.gethostname() and holder.get("boot") == boot_id()
+    """Whether the holder's pid can be looked up here: the same host, boot and process-id namespace."""
+    here = {"host": socket.gethostname(), "boot": boot_id(), "pids": pid_namespace()}
+    return all(holder.get(key) == value for key, value in here.items())
 
 
 def process_gone(pid) -> bool:
@@ -156,7 +166,8 @@ class RunLock:
     def __init__(self, run_dir: str, say):
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.run_dir, self.file, self.stop, self.beating = run_dir, None, threading.Event(), None
-        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot_id(), "since": time.time()}
+        self.holder = {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot_id(), "pids": pid_namespace(),
+                       "since": time.time()}  # fmt: skip
         trusted = flock_is_trusted(run_dir)
         if trusted:
             self.take_flock()

@@ -228,7 +228,8 @@ def memory_budget(device: str) -> int:
     other processes hold."""
     total = torch.cuda.get_device_properties(device).total_memory
     free, _ = torch.cuda.mem_get_info(device)
-    return int(MEMORY_WARNING_SHARE * min(total * memory_fraction(device), free + torch.cuda.memory_reserved(device)))
+    fraction = memory_fraction(device) or 1.0
+    return int(MEMORY_WARNING_SHARE * min(total * fraction, free + torch.cuda.memory_reserved(device)))
 
 
 def device_index(device: str) -> int:
@@ -237,9 +238,11 @@ def device_index(device: str) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
-def memory_fraction(device: str) -> float:
-    """The per-process cap on PyTorch's allocator, as a share of the card (1.0 where this torch has no getter)."""
-    return getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(device_index(device))
+def memory_fraction(device: str) -> float | None:
+    """The per-process cap on PyTorch's allocator, as a share of the card; None where this torch cannot say (its
+    getter came in 2.6): a cap set there is unknown to us, and must be left alone."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return None if getter is None else getter(device_index(device))
 
 
 @contextlib.contextmanager
@@ -249,6 +252,9 @@ def allocator_capped_at(budget: int, device: str):
     it would take the card to its limit, and the next need for memory the allocator does not manage (a CUDA kernel
     module loaded on first use, cuBLAS's workspace) would fail with a plain "CUDA error: out of memory"."""
     previous = memory_fraction(device)
+    if previous is None:  # a torch before 2.6: the cap it may have cannot be put back, so none is set
+        yield
+        return
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(previous, budget / total), device_index(device))
     try:
@@ -270,13 +276,14 @@ def step_fits(model: nn.Module, autocast, scaler, device: str, seq_len: int, bat
     """Whether the forward and backward of a micro batch of `batch` sequences, twice (the second with every gradient
     held, as accumulation does), stay within budget: an out-of-memory error of any kind says no. Any other error is a
     bug, and propagates."""
-    x = loss = None
+    x = y = loss = None
     try:
         torch.cuda.reset_peak_memory_stats(device)
-        x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)  # (B, T)
+        # inputs and targets as two tensors, as wrap_model compiles: the compiled try's graph is then the run's
+        x, y = torch.randint(0, model.config.vocab_size, (2, batch, seq_len), device=device)  # (B, T) each
         for _ in range(2):
             with autocast():
-                _, loss = model(x, x)
+                _, loss = model(x, y)
             scaler.scale(loss).backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_reserved(device) <= budget
@@ -285,7 +292,7 @@ def step_fits(model: nn.Module, autocast, scaler, device: str, seq_len: int, bat
             raise
         return False
     finally:
-        x = loss = None  # free the batch's activations before the next, larger one
+        x = y = loss = None  # free the batch's activations before the next, larger one
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
 
@@ -312,10 +319,10 @@ def largest_micro_batch(model: nn.Module, autocast, scaler, device: str, seq_len
     sequence length and precision; 0 if not even one sequence fits. The allocator is capped at the budget meanwhile.
 
     Tried eagerly first: eager steps are quick to try. A compiled step keeps fewer activations (Inductor fuses
-    elementwise work: 10.4 GiB against 16.5 at 16 x 1,024 in bf16 on the H200, README), so where the run compiles,
-    twice the eager answer is tried compiled. Not four times: a compiled step's activations are about 0.6 of an eager
-    one's, so four times would need more than the twice that did not fit eagerly, and each compiled try costs a
-    compile (a minute or more)."""
+    elementwise work: 10.4 GiB against 16.5 at 16 x 1,024 in bf16 on the H200, README), so where `compiled` says
+    the run compiles, twice the eager answer is tried compiled. Not four times: a compiled step's activations are
+    about 0.6 of an eager one's, so four times would need more than the twice that did not fit eagerly, and each
+    compiled try costs a compile (a minute or more)."""
     budget = memory_budget(device)
     with allocator_capped_at(budget, device):
         try:
@@ -342,10 +349,11 @@ def probe_micro_batch(run, sequences_per_step: int) -> int:
     optimizer's state still to come (and under DDP the gradient buckets, a copy of the gradients) held aside; the
     same on every process (the smallest any of them found)."""
     reserve = unallocated_state_bytes(run.optimizer)
-    if run.world_size > 1:
+    if run.world_size > 1 and run.model is None:  # before wrap_model, DDP's buckets are still to come
         reserve += sum(p.numel() * p.element_size() for p in run.raw_model.parameters())
-    # before wrap_model, whether the run asks to compile; after it, whether compiling worked
-    compiled = run.compiled or (run.model is None and run.wants_compile)
+    # before wrap_model, whether the run asks to compile; after it, whether compiling worked. Not under DDP: there
+    # Dynamo splits the graph at DDP's gradient buckets, which keeps more activations than the bare model's graph
+    compiled = run.world_size == 1 and (run.compiled or (run.model is None and run.wants_compile))
     found = largest_micro_batch(run.raw_model, run.autocast, run.scaler, run.device, run.args.seq_len,
                                 sequences_per_step, reserve, compiled, run.say)  # fmt: skip
     found = torch.tensor(found, device=run.device)

@@ -196,6 +196,13 @@ def test_any_out_of_memory_error_is_one_and_nothing_else_is():
             raise RuntimeError("backend='inductor' raised: ...") from e
     except RuntimeError as wrapped:
         assert is_out_of_memory(wrapped)
+    try:  # raised "from None": the out-of-memory it happened beside is not its cause
+        try:
+            raise oom
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered") from None
+    except RuntimeError as unrelated:
+        assert not is_out_of_memory(unrelated)
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
     assert not is_out_of_memory(RuntimeError("out of resource: shared memory, Required: 98304, Hardware limit: 65536"))
 
