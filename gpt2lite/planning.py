@@ -263,10 +263,10 @@ def allocator_capped_at(budget: int, device: str):
         torch.cuda.set_per_process_memory_fraction(previous, device_index(device))
 
 
-def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool], start: int = 1) -> int:
-    """The largest micro batch of start, 2 start, 4 start, ... sequences that divides a step's sequences and fits (0
-    if none does), trying each in turn until one does not."""
-    largest, batch = 0, start
+def largest_power_of_two(sequences_per_step: int, fits: Callable[[int], bool]) -> int:
+    """The largest micro batch of 1, 2, 4, ... sequences that divides a step's sequences and fits (0 if none does),
+    trying each in turn until one does not."""
+    largest, batch = 0, 1
     while batch <= sequences_per_step and sequences_per_step % batch == 0 and fits(batch):
         largest, batch = batch, batch * 2
     return largest
