@@ -763,7 +763,8 @@ def bench_gpu(args: argparse.Namespace):
             steps = gpu_training_steps(config, B, 1024, 65536, precision, device, modes)
             for name, problem in failing_steps(steps, device).items():
                 print(f"| {micro} | {precision} | {name} | {problem} | | | | |")
-                failed += [] if problem == OUT_OF_MEMORY else [f"{micro} {precision} {name}: {problem}"]
+                if problem != OUT_OF_MEMORY:
+                    failed.append(f"{micro} {precision} {name}: {problem}")
             seconds = race({name: mode.step for name, mode in steps.items()}, args.repeats, device)
             peak_memory = {name: peak_memory_of(mode, device) for name, mode in steps.items()}
         steps = None  # the next setting starts with this one's models, optimizers and graphs freed

@@ -67,6 +67,7 @@ class ShardedMuon:
         self.muon, self.rank = muon, rank
         self.params = [p for group in muon.param_groups for p in group["params"]]
         self.owners = share_out(self.params, world_size)  # the process that steps each matrix
+        self.mine = [p for p, owner in zip(self.params, self.owners) if owner == rank]
         self.others = [p for p, owner in zip(self.params, self.owners) if owner != rank]
         self.holds_state = False  # whether the matrices have momentum yet (they do after a step, on every process)
 
@@ -77,10 +78,6 @@ class ShardedMuon:
     @property
     def state(self) -> dict:
         return self.muon.state
-
-    @property
-    def mine(self) -> list[torch.Tensor]:
-        return [p for p, owner in zip(self.params, self.owners) if owner == self.rank]
 
     @torch.no_grad()
     def step(self):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import TINY_RUN, logged_events, no_scaler, run_train, small_shards
+from test_train import TINY_RUN, logged_events, logged_losses, no_scaler, run_train, small_shards
 
 import train_gpt2
 from gpt2lite import planning
@@ -88,8 +88,7 @@ def test_a_resume_at_another_micro_batch_repeats_the_steps_evaluation_and_trains
     assert resumed.returncode == 0, resumed.stderr
     assert "batch 256 tokens = 8 x 32 x 1 process(es) x 1 accumulation steps" in resumed.stdout
     assert val_losses(stopped)[4] == at_the_stop, "the step's evaluation, repeated exactly"
-    one = [(e["step"], e["split"], e["loss"]) for e in logged_events(straight) if e["split"] in ("train", "val")]
-    two = [(e["step"], e["split"], e["loss"]) for e in logged_events(stopped) if e["split"] in ("train", "val")]
+    one, two = logged_losses(straight), logged_losses(stopped)
     assert [e[:2] for e in one] == [e[:2] for e in two]
     for (_, _, a), (_, _, b) in zip(one, two):
         assert b == pytest.approx(a, rel=1e-5)
