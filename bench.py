@@ -9,7 +9,7 @@ learning curves that the token-efficient recipe is judged by.
   python bench.py eval                  # evaluate.py's scoring, batched, against transformers one example at a time
   python bench.py gpu                   # 124M training steps on a CUDA GPU: eager/compiled, fused/math attention,
                                         # Muon, and the micro batch --batch-size auto picks
-  python bench.py recipe                # validation loss at equal tokens: the seed's recipe, WSD, Muon (40 minutes)
+  python bench.py recipe                # AdamW against Muon, rates bracketed, at several budgets (an hour, 2 cores)
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -20,8 +20,10 @@ both sides of a ratio alike. The tables print as Markdown, ready for the README.
 
 import argparse
 import contextlib
+import copy
 import io
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -35,14 +37,22 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import train_gpt2
 from gpt2lite import cpu_decode, planning, text_data
-from gpt2lite.cli import ArgumentParser, first_line, run_cli
+from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
 from gpt2lite.devices import is_out_of_memory, peak_flops, pick_device
 from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
-from gpt2lite.optimizers import unallocated_state_bytes
+from gpt2lite.optimizers import (
+    MUON_EMBED_WEIGHT_DECAY,
+    MUON_LR,
+    MUON_WEIGHT_DECAY,
+    momentum_warmup_steps,
+    set_muon_momentum,
+    unallocated_state_bytes,
+)
 from gpt2lite.shards import shard_bytes
 from train_gpt2 import GPT, DataLoader, GPTConfig
 
@@ -457,30 +467,78 @@ def hf_example_losses(hf_model, pairs: list[tuple[list[int], list[int]]], device
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# recipe: the validation loss at equal tokens of the seed's recipe, AdamW with WSD, and Muon beside AdamW with WSD
+# recipe: AdamW against Muon beside AdamW, both with WSD, each at rates bracketed on both sides, fully decayed at
+# several budgets, on a few small GPT-2s
 
 
-RECIPE_SIZES = {"4 layers, width 256": (4, 4, 256), "6 layers, width 384": (6, 6, 384)}  # layers, heads, width
-RECIPE_VOCAB = 8192  # the 8,191 commonest GPT-2 tokens of the training text, and one id for every other token
-RECIPE_B, RECIPE_T = 8, 128  # 1,024 tokens a step
-RECIPE_SEEDS = (0, 1)
-ADAMW_GRID = (1, 2, 4)  # times the seed's rate for the size
-MUON_GRID = (0.01, 0.02, 0.04)
-EVALUATIONS = 10  # validation losses along a run, at even steps, besides step 0's
-EVAL_WINDOWS = 96  # held-out windows of 128 tokens, spread over the validation text: the same for every run
+class Scale(NamedTuple):
+    """Where the recipe bench runs, and how big."""
+
+    sizes: dict[str, tuple[int, int, int]]  # name: (layers, heads, width)
+    vocab: int  # the model's vocabulary: GPT-2's commonest tokens (the rest share one id), or GPT-2's padded 50,304
+    B: int  # micro batch, windows
+    T: int  # context
+    accumulation: int  # micro batches a step
+    device: str
+    precision: str
+    tokens_per_parameter: float | None  # the longest budget's tokens per non-embedding parameter; None: one pass
+
+
+# CPU: the vocabulary cut to the 1,023 commonest tokens (74% of the text) and one id for the rest, so the embedding
+# is 87% to 44% as large as the blocks, where GPT-2 124M's is 45% of its blocks': cut less, the bench would mostly
+# measure how fast AdamW learns an embedding. Sizes whose one pass over the text is 6 to 16 tokens a block parameter.
+CPU_SCALE = Scale({"2 x 48": (2, 3, 48), "2 x 64": (2, 4, 64), "3 x 64": (3, 4, 64)}, 1024, 32, 256, 1, "cpu",
+                  "fp32", None)  # fmt: skip
+# GPU: GPT-2's vocabulary and widths, 65,536 tokens a step as train_gpt2.py's default, 20 tokens a block parameter
+GPU_SCALE = Scale({"6 x 384": (6, 6, 384), "8 x 512": (8, 8, 512), "12 x 768": (12, 12, 768)}, 50304, 16, 1024, 4,
+                  "cuda", "bf16", 20.0)  # fmt: skip
+BUDGETS = (0.125, 0.25, 0.5, 1.0)  # shares of the longest run: each fully decayed, branched from one flat run
+RECIPE_SEEDS = (0, 1, 2, 3, 4)  # seed 0 tunes the rates; every seed runs the chosen ones, paired by seed
+DECAY_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # the decay's share of the longest budget
+DECAY_SEEDS = (0, 1)  # the seeds that try each decay share, at the chosen rates
+GRID_STEP = 2  # a rate grid's points are a factor 2 apart
+MOST_POINTS = 8  # a grid gives up widening after this many points, and says the rate is not bracketed
+GENERATED_TEXTS = 16000  # without real text: about as many tokens as the real text has
+
+
+class Recipe(NamedTuple):
+    optimizer: str  # "adamw": AdamW for everything; "muon": Muon for the blocks' matrices, AdamW for the rest
+    lr: float  # AdamW's peak: of every parameter, or under Muon of the embedding, head and vectors
+    muon_lr: float = 0.0
+
+    def label(self) -> str:
+        if self.optimizer == "adamw":
+            return f"AdamW {self.lr:.3g}"
+        return f"Muon {self.muon_lr:.3g}, embedding {self.lr:.3g}"
+
+
+class Branch(NamedTuple):
+    """One fully decayed run: flat at the peak until `end - decay`, then linearly down to `final` x the peak."""
+
+    end: int  # steps
+    decay: int  # steps
+    final: float = 0.0
 
 
 def seed_lr(width: int) -> float:
-    """The seed's AdamW peak, 6e-4 at GPT-2's width 768, scaled as 1/width for a narrower model (fixed before any run
-    of this bench: nothing here is tuned to its results)."""
+    """A first guess for AdamW's rate at a width: the seed's 6e-4 at GPT-2's 768, as 1/width (the grid moves on
+    from it by itself)."""
     return 6e-4 * 768 / width
 
 
-def recipe_shards(folder: str) -> str:
+def block_parameters(layers: int, width: int) -> int:
+    """The parameters of a GPT-2's blocks: what "tokens per parameter" counts, as the embedding's size is the
+    vocabulary's choice (Kaplan et al. 2020 count the same)."""
+    return layers * (12 * width * width + 13 * width)
+
+
+GPT2_BLOCK_PARAMETERS = block_parameters(12, 768)  # GPT-2 124M's 85.1M, the size the speedup is carried to
+
+
+def recipe_shards(folder: str, vocab: int) -> str:
     """The bench's token shards in folder, and what they hold. Each text's first 90% (cut at a line) is training text,
     its last 10% held out. GPT-2's tokens are renumbered by how often the training text uses them, the commonest
-    8,191 kept and the rest one shared id: a 50,257-row embedding would be 80% of a width-256 model and most of its
-    work, where GPT-2 124M's is 31%, so the bench would mostly time how fast AdamW learns an embedding."""
+    vocab - 1 kept and the rest one shared id."""
     enc = get_tokenizer()
     if SHARED_DATA.is_dir():
         lambada = (SHARED_DATA / "lambada" / "lambada_test.jsonl").read_text().splitlines()
@@ -489,153 +547,347 @@ def recipe_shards(folder: str) -> str:
                  "\n\n".join(json.loads(line)["text"] for line in lambada)]  # fmt: skip
         made_of = "WikiText-2 valid, Tiny Shakespeare and LAMBADA"
     else:  # a clone from GitHub: generated text
-        texts = ["\n".join(generated_texts(3000, 20, 200, seed=4))]
-        made_of = "generated text (no real text beside the clone)"
+        texts = ["\n".join(generated_texts(GENERATED_TEXTS, 20, 200, seed=4))]
+        made_of = "GENERATED text, not real text (no real text beside the clone: these figures say little)"
     splits = {"train": [], "val": []}
-    for text in texts:
+    for text in tqdm(texts, desc="tokenizing", unit="text"):
         cut = text.rfind("\n", 0, int(0.9 * len(text))) + 1
         splits["train"] += [EOT_TOKEN, *enc.encode_ordinary(text[:cut])]
         splits["val"] += [EOT_TOKEN, *enc.encode_ordinary(text[cut:])]
     counts = np.bincount(splits["train"], minlength=enc.n_vocab)
-    renumber = np.full(enc.n_vocab, RECIPE_VOCAB - 1, dtype=np.int64)
-    renumber[np.argsort(-counts, kind="stable")[: RECIPE_VOCAB - 1]] = np.arange(RECIPE_VOCAB - 1)
+    renumber = np.full(enc.n_vocab, vocab - 1, dtype=np.int64)
+    renumber[np.argsort(-counts, kind="stable")[: vocab - 1]] = np.arange(vocab - 1)
     for split, tokens in splits.items():
         with open(os.path.join(folder, f"recipe_{split}_000000.bin"), "wb") as f:
             f.write(shard_bytes(renumber[np.array(tokens)]))
-    kept = np.sort(counts)[::-1][: RECIPE_VOCAB - 1].sum() / counts.sum()
-    return (f"{made_of}: {len(splits['train']):,} training tokens, {len(splits['val']):,} held out; the 8,191 "
-            f"commonest tokens are {kept:.1%} of the training text")  # fmt: skip
+    kept = np.sort(counts)[::-1][: vocab - 1].sum() / counts.sum()
+    return (f"{made_of}: {len(splits['train']):,} training tokens, {len(splits['val']):,} held out; the {vocab - 1:,} "
+            f"commonest tokens are {kept:.1%} of the training text, the rest share one id")  # fmt: skip
 
 
-def recipe_run(data_dir: str, layers: int, heads: int, width: int, steps: int, seed: int, max_lr: float,
-               schedule: str, muon_lr: float | None = None) -> list[float]:  # fmt: skip
-    """One run of train_gpt2.py's own pieces (its model, loader, schedule, optimizers, step and validation) at fp32 on
-    the CPU, without checkpoints: the validation loss at step 0 and at EVALUATIONS even steps after it. The seed's
-    settings otherwise: warmup 5% of the steps, min lr a tenth of the peak, weight decay 0.1, clipping at 1."""
+class Bench:
+    """Everything one `python bench.py recipe` measures: {(size, recipe, seed): {branch: final validation loss}},
+    and the means of running and printing it."""
+
+    def __init__(self, scale: Scale, data_dir: str, planned_runs: int):
+        self.scale, self.data_dir = scale, data_dir
+        self.step_tokens = scale.B * scale.T * scale.accumulation
+        self.val = DataLoader(data_dir, "val", scale.B, scale.T)
+        self.val_windows = min(sum(self.val.windows_per_shard), 2048)  # all of the CPU's held-out text
+        train_tokens = DataLoader(data_dir, "train", scale.B, scale.T).total_tokens
+        self.one_pass = (train_tokens - scale.T) // self.step_tokens  # steps that read no window twice
+        self.results: dict[tuple[str, Recipe, int], dict[Branch, float]] = {}
+        self.planned, self.started = planned_runs, time.perf_counter()
+
+    def longest(self, size: str) -> int:
+        """The longest budget's steps for a size: one pass, or the scale's tokens per block parameter."""
+        if self.scale.tokens_per_parameter is None:
+            return self.one_pass
+        layers, _, width = self.scale.sizes[size]
+        steps = round(self.scale.tokens_per_parameter * block_parameters(layers, width) / self.step_tokens)
+        if steps > self.one_pass:
+            raise InputError(f"{size} needs {steps * self.step_tokens:,} training tokens for its longest budget, "
+                             f"and {self.data_dir} holds {self.one_pass * self.step_tokens:,}: prepare more shards")
+        return steps
+
+    def budgets(self, size: str, decay_fraction: float) -> list[Branch]:
+        """A size's budgets, each decayed to zero over its last decay_fraction."""
+        ends = [round(share * self.longest(size)) for share in BUDGETS]
+        return [Branch(end, max(1, round(decay_fraction * end))) for end in ends]
+
+    def run(self, size: str, recipe: Recipe, seed: int, branches: list[Branch]) -> dict[Branch, float]:
+        """The recipe's runs at these branches, from one flat run, with progress; kept in results (and taken from
+        there when a grid comes back to a point it has)."""
+        known = self.results.get((size, recipe, seed), {})
+        if all(branch in known for branch in branches):
+            return {branch: known[branch] for branch in branches}
+        t0 = time.perf_counter()
+        losses = branched_run(self, size, recipe, seed, branches)
+        self.results.setdefault((size, recipe, seed), {}).update(losses)
+        done = len(self.results)
+        minutes = (time.perf_counter() - self.started) / 60
+        shown = ", ".join(f"{b.end} steps {loss:.4f}" for b, loss in sorted(losses.items()))
+        print(f"  [{done}/~{self.planned}, {minutes:.0f} min] {size}, {recipe.label()}, seed {seed}: {shown} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        return losses
+
+    def final(self, size: str, recipe: Recipe, seed: int) -> float:
+        """The longest budget's loss at the default decay."""
+        return self.results[size, recipe, seed][self.budgets(size, DECAY_FRACTION)[-1]]
+
+
+def branched_run(bench: Bench, size: str, recipe: Recipe, seed: int, branches: list[Branch]) -> dict[Branch, float]:
+    """train_gpt2.py's own pieces (model, loader, schedule, optimizers, momentum warmup, step and validation) with
+    the chapter's defaults for the recipe, no checkpoints: one run flat at the peak rate, and at each branch's start a
+    copy that decays to its end (WSD's decay depends on nothing before it, so a copy gives the loss a run of that
+    length would). The warmups are train_gpt2.py's defaults for the size's longest budget, whichever branches run
+    (the lr's 5% of it, the momentum's at most a sixth); each branch is validated on the same held-out windows."""
+    scale, (layers, heads, width) = bench.scale, bench.scale.sizes[size]
+    longest = bench.longest(size)
+    warmup, momentum_warmup = longest // 20, momentum_warmup_steps(bench.step_tokens, longest)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=RECIPE_T, vocab_size=RECIPE_VOCAB, n_layer=layers, n_head=heads, n_embd=width))
-    optimizer = model.configure_optimizers(0.1, max_lr, muon_lr)
-    train = DataLoader(data_dir, "train", RECIPE_B, RECIPE_T, seed=seed)
-    val = DataLoader(data_dir, "val", RECIPE_B, RECIPE_T)
-    scaler, fp32 = torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext
-    curve = []
-    for step in range(steps + 1):
-        if step % (steps // EVALUATIONS) == 0:
-            curve.append(train_gpt2.estimate_loss(model, val, EVAL_WINDOWS // RECIPE_B, fp32, "cpu"))
-        if step < steps:
-            train_gpt2.accumulate_gradients(model, train, 1, fp32, scaler, "cpu")
-            lr = train_gpt2.get_lr(step, steps // 20, steps, max_lr, max_lr / 10, schedule)
-            train_gpt2.clip_and_step(model, optimizer, scaler, lr, 1.0)
-    return curve
+    config = GPTConfig(block_size=scale.T, vocab_size=scale.vocab, n_layer=layers, n_head=heads, n_embd=width)
+    model = GPT(config).to(scale.device)
+    muon = recipe.optimizer == "muon"
+    decay = (MUON_EMBED_WEIGHT_DECAY if muon else 0.1, MUON_WEIGHT_DECAY)
+    optimizer = model.configure_optimizers(decay[0], recipe.lr, recipe.muon_lr if muon else None, decay[1])
+    train = DataLoader(bench.data_dir, "train", scale.B, scale.T, seed=seed)
+    autocast = train_gpt2.autocast_for(scale.device, scale.precision)
+    scaler = torch.amp.GradScaler(torch.device(scale.device).type, enabled=False)
+
+    def step(model, optimizer, loader, index: int, branch: Branch):
+        train_gpt2.accumulate_gradients(model, loader, scale.accumulation, autocast, scaler, scale.device)
+        lr = train_gpt2.get_lr(index, warmup, branch.end, recipe.lr, branch.final * recipe.lr, "wsd",
+                               branch.decay / branch.end)  # fmt: skip
+        set_muon_momentum(optimizer, index, momentum_warmup)
+        train_gpt2.clip_and_step(model, optimizer, scaler, lr, 1.0)
+
+    losses, done = {}, 0
+    for branch in sorted(branches, key=lambda b: b.end - b.decay):
+        for index in range(done, branch.end - branch.decay):  # flat: the same in every branch's schedule
+            step(model, optimizer, train, index, branch)
+        done = branch.end - branch.decay
+        copy_model, copy_optimizer = copy.deepcopy((model, optimizer))
+        copy_train = DataLoader(bench.data_dir, "train", scale.B, scale.T, seed=seed)
+        copy_train.load_state_dict(train.state_dict())
+        for index in range(done, branch.end):
+            step(copy_model, copy_optimizer, copy_train, index, branch)
+        losses[branch] = train_gpt2.estimate_loss(copy_model, bench.val, bench.val_windows, autocast, scale.device)
+    return losses
 
 
-def tokens_to_reach(curve: list[float], target: float, tokens_between: int) -> float | None:
-    """The tokens at which a validation curve first reaches target, interpolated between its evaluations."""
-    for i in range(1, len(curve)):
-        if curve[i] <= target:
-            return tokens_between * (i - 1 + (curve[i - 1] - target) / (curve[i - 1] - curve[i]))
-    return None
+DECAY_FRACTION = 0.2  # the decay's share in every run but the decay-fraction study (train_gpt2.py's default)
+
+
+def bracket(measure: Callable[[float], float], first: float) -> dict[float, float]:
+    """{rate: loss} over a grid a factor GRID_STEP apart, from first / GRID_STEP to first x GRID_STEP, widened on the
+    side of the best point until a worse point stands on each side of it (or MOST_POINTS are spent)."""
+    losses = {rate: measure(rate) for rate in (first / GRID_STEP, first, first * GRID_STEP)}
+    while len(losses) < MOST_POINTS:
+        best = min(losses, key=losses.get)
+        if best == min(losses):
+            losses[best / GRID_STEP] = measure(best / GRID_STEP)
+        elif best == max(losses):
+            losses[best * GRID_STEP] = measure(best * GRID_STEP)
+        else:
+            break
+    return dict(sorted(losses.items()))
+
+
+def is_bracketed(losses: dict[float, float]) -> bool:
+    best = min(losses, key=losses.get)
+    return min(losses) < best < max(losses)
+
+
+class Tuned(NamedTuple):
+    adamw: Recipe
+    muon: Recipe
+    grids: dict[str, dict[float, float]]  # "AdamW lr", "Muon lr", "embedding lr under Muon": {rate: seed 0's loss}
+
+
+def tune(bench: Bench, size: str) -> Tuned:
+    """Seed 0's brackets at the longest budget: AdamW's rate; then Muon's, its AdamW part at AdamW's best; then the
+    embedding's under Muon, at Muon's best."""
+    budgets, width = bench.budgets(size, DECAY_FRACTION), bench.scale.sizes[size][2]
+    measure = lambda recipe: bench.run(size, recipe, 0, budgets)[budgets[-1]]  # noqa: E731
+    adamw = bracket(lambda lr: measure(Recipe("adamw", lr)), seed_lr(width))
+    adamw_lr = min(adamw, key=adamw.get)
+    muon = bracket(lambda lr: measure(Recipe("muon", adamw_lr, lr)), MUON_LR)
+    muon_lr = min(muon, key=muon.get)
+    embedding = bracket(lambda lr: measure(Recipe("muon", lr, muon_lr)), adamw_lr)
+    grids = {"AdamW lr": adamw, "Muon lr": muon, "embedding lr under Muon": embedding}
+    return Tuned(Recipe("adamw", adamw_lr), Recipe("muon", min(embedding, key=embedding.get), muon_lr), grids)
+
+
+def tokens_needed(curve: dict[int, float], target: float) -> float | None:
+    """The tokens at which a final-loss-against-tokens curve reaches target, interpolated in log tokens; None where
+    even its smallest budget is below target (the curve starts past it)."""
+    points = sorted(curve.items())
+    if points[0][1] <= target:
+        return None
+    for (t0, l0), (t1, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            return math.exp(math.log(t0) + (l0 - target) / (l0 - l1) * (math.log(t1) - math.log(t0)))
+    return float("inf")  # never reached within the budgets
+
+
+def curve(bench: Bench, size: str, recipe: Recipe, seed: int) -> dict[int, float]:
+    """{tokens: final validation loss} over a size's budgets at the default decay."""
+    runs = bench.results[size, recipe, seed]
+    return {b.end * bench.step_tokens: runs[b] for b in bench.budgets(size, DECAY_FRACTION)}
+
+
+def speedup(bench: Bench, size: str, tuned: Tuned, seed: int) -> float:
+    """The tokens AdamW needs for a loss over the tokens Muon needs for it, paired on the seed, at the loss the
+    worse of the two reaches at the longest budget: the better one's curve says when it got there. Where that is
+    before the smallest budget, the ratio of the budgets is a lower bound, and is what is returned."""
+    adamw, muon = (curve(bench, size, recipe, seed) for recipe in tuned[:2])
+    longest = max(adamw)
+    if muon[longest] <= adamw[longest]:
+        return longest / (tokens_needed(muon, adamw[longest]) or min(muon))
+    return (tokens_needed(adamw, muon[longest]) or min(adamw)) / longest
+
+
+def decay_branches(bench: Bench, size: str) -> list[Branch]:
+    """The longest budget decayed over each of DECAY_FRACTIONS to zero, then over the default share to a tenth of
+    the peak: all branches of one flat run."""
+    end = bench.longest(size)
+    return [Branch(end, round(f * end)) for f in DECAY_FRACTIONS] + [Branch(end, round(DECAY_FRACTION * end), 0.1)]
+
+
+def decay_study(bench: Bench, size: str, tuned: Tuned):
+    """The decay branches of DECAY_SEEDS at the chosen rates."""
+    for seed in DECAY_SEEDS:
+        for recipe in tuned[:2]:
+            bench.run(size, recipe, seed, decay_branches(bench, size))
 
 
 def bench_recipe(args: argparse.Namespace):
-    """Three recipes on small GPT-2s, at equal tokens read once: (1) the seed's, AdamW at its rate for the size with
-    the cosine; (2) AdamW with WSD at the best of three rates; (3) Muon for the blocks' matrices beside (2)'s AdamW,
-    with WSD, at the best of three Muon rates. The best rate is the lowest final validation loss of seed 0; then
-    seed 1 runs each recipe's chosen rate. Figures: the validation loss at equal tokens and the tokens each recipe
-    needs to reach recipe 1's final loss (mean over its seeds), each seed's; and a PNG of the curves."""
-    steps, tokens_per_step = args.recipe_steps, RECIPE_B * RECIPE_T
-    tokens_between = steps // EVALUATIONS * tokens_per_step
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as data_dir:
-        what = recipe_shards(data_dir)
-        print(f"\n## recipe: validation loss at equal tokens, {steps} steps of {tokens_per_step:,} tokens "
-              f"({steps * tokens_per_step:,} in all), fp32 ({cpu_name()}, {torch.get_num_threads()} threads)\n")
-        print(f"{what}.\n")
-        results = {name: recipe_size(data_dir, *shape, steps) for name, shape in RECIPE_SIZES.items()}
-    for name, runs in results.items():
-        print_recipe_table(name, runs, tokens_between, steps * tokens_per_step)
-    plot_recipes(results, tokens_between, args.recipe_png)
-    print(f"\n{sum(len(runs) for runs in results.values())} runs in {(time.perf_counter() - started) / 60:.0f} "
-          f"minutes; the curves: {args.recipe_png}")
+    """AdamW against Muon beside AdamW, both with WSD decaying to zero, at a few sizes: every rate bracketed on seed 0,
+    then every seed at the chosen rates; the loss each reaches at several budgets, the tokens Muon saves, the decay's
+    share; tables, and plots."""
+    scale = GPU_SCALE._replace(device=args.device) if args.recipe_gpu else CPU_SCALE
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.recipe_data if args.recipe_gpu else tmp
+        what = recipe_shards(tmp, scale.vocab) if not args.recipe_gpu else f"the shards in {data_dir}"
+        planned = len(scale.sizes) * (3 * 4 + 2 * (len(RECIPE_SEEDS) - 1) + 2 * len(DECAY_SEEDS))
+        bench = Bench(scale, data_dir, planned)
+        print(f"\n## recipe: AdamW against Muon, {bench.step_tokens:,} tokens a step, context {scale.T}, "
+              f"{scale.precision} on {machine_line(scale.device)}\n\n{what}.\n")  # fmt: skip
+        print_regime(bench)
+        tuned = {}
+        for size in scale.sizes:
+            print(f"\n{size}: tuning on seed 0, then seeds {', '.join(map(str, RECIPE_SEEDS[1:]))}", flush=True)
+            tuned[size] = tune(bench, size)
+            for seed in RECIPE_SEEDS[1:]:
+                for recipe in tuned[size][:2]:
+                    bench.run(size, recipe, seed, bench.budgets(size, DECAY_FRACTION))
+            decay_study(bench, size, tuned[size])
+    for size in scale.sizes:
+        print_size(bench, size, tuned[size])
+    print_speedups(bench, tuned)
+    plot_recipe(bench, tuned, args.recipe_png)
+    print(f"\n{len(bench.results)} runs in {(time.perf_counter() - bench.started) / 60:.0f} minutes; plots: "
+          f"{args.recipe_png}")
 
 
-def recipe_size(data_dir: str, layers: int, heads: int, width: int, steps: int) -> dict[tuple, list[float]]:
-    """Every run of one model size: {(recipe, rate, seed): validation curve}, the grids on seed 0, then seed 1 at
-    each recipe's chosen rate."""
-    base = seed_lr(width)
-    runs = {}
-
-    def run(recipe: str, rate: float, seed: int):
-        t0 = time.perf_counter()
-        if recipe == "3":
-            adamw_lr = chosen(runs, "2")
-            curve = recipe_run(data_dir, layers, heads, width, steps, seed, adamw_lr, "wsd", muon_lr=rate)
-        else:
-            curve = recipe_run(data_dir, layers, heads, width, steps, seed, rate, "wsd" if recipe == "2" else "cosine")
-        runs[recipe, rate, seed] = curve
-        print(f"  {layers} x {width}, recipe {recipe}, rate {rate:g}, seed {seed}: final validation loss "
-              f"{curve[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-
-    run("1", base, 0)
-    for multiple in ADAMW_GRID:
-        run("2", multiple * base, 0)
-    for muon_lr in MUON_GRID:
-        run("3", muon_lr, 0)
-    for recipe in ("1", "2", "3"):
-        run(recipe, chosen(runs, recipe), 1)
-    return runs
+def print_regime(bench: Bench):
+    print("| size | block parameters | all parameters | longest budget: steps, tokens | tokens per block parameter "
+          "| budgets, steps |\n| --- | ---: | ---: | ---: | ---: | --- |")
+    for size, (layers, _, width) in bench.scale.sizes.items():
+        blocks, steps = block_parameters(layers, width), bench.longest(size)
+        everything = blocks + (bench.scale.vocab + bench.scale.T + 2) * width
+        ends = ", ".join(str(b.end) for b in bench.budgets(size, DECAY_FRACTION))
+        print(f"| {size} | {blocks:,} | {everything:,} | {steps}, {steps * bench.step_tokens:,} "
+              f"| {steps * bench.step_tokens / blocks:.1f} | {ends} |")  # fmt: skip
+    print(f"\nOne pass over the training text is {bench.one_pass} steps; no run reads more. Validation: "
+          f"{bench.val_windows} held-out windows of {bench.scale.T}, the same for every run.")
 
 
-def chosen(runs: dict[tuple, list[float]], recipe: str) -> float:
-    """A recipe's rate with the lowest final validation loss on seed 0."""
-    return min((curve[-1], rate) for (r, rate, seed), curve in runs.items() if r == recipe and seed == 0)[1]
+def print_size(bench: Bench, size: str, tuned: Tuned):
+    print(f"\n### {size}\n\nseed 0, the longest budget: loss against rate (the chosen rate in bold)\n")
+    for name, grid in tuned.grids.items():
+        best = min(grid, key=grid.get)
+        points = ", ".join(f"**{rate:.3g}: {loss:.4f}**" if rate == best else f"{rate:.3g}: {loss:.4f}"
+                           for rate, loss in grid.items())  # fmt: skip
+        verdict = "bracketed" if is_bracketed(grid) else "NOT BRACKETED"
+        print(f"- {name}: {points} ({verdict})")
+    budgets = bench.budgets(size, DECAY_FRACTION)
+    header = " | ".join(f"{b.end * bench.step_tokens / 1e6:.2f}M tokens" for b in budgets)
+    seeds = ", ".join(map(str, RECIPE_SEEDS))
+    print(f"\nfinal validation loss, mean ± sd over seeds {seeds}\n\n| recipe | {header} |\n"
+          f"| --- |{' ---: |' * len(budgets)}")  # fmt: skip
+    for recipe in tuned[:2]:
+        cells = [mean_sd([bench.results[size, recipe, s][b] for s in RECIPE_SEEDS]) for b in budgets]
+        print(f"| {recipe.label()} | {' | '.join(cells)} |")
+    paired = [mean_sd([bench.results[size, tuned.muon, s][b] - bench.results[size, tuned.adamw, s][b]
+                       for s in RECIPE_SEEDS], signed=True) for b in budgets]  # fmt: skip
+    print(f"| Muon − AdamW, paired by seed | {' | '.join(paired)} |")
+    branches = decay_branches(bench, size)
+    shares = [f"{b.decay / b.end:.0%}" + (" to 0.1x" if b.final else "") for b in branches]
+    print("\nthe longest budget, by the decay's share (to zero; the last column to a tenth of the peak)\n")
+    print(f"| recipe, seed | {' | '.join(shares)} |\n| --- |{' ---: |' * len(shares)}")
+    for seed in DECAY_SEEDS:
+        for recipe in tuned[:2]:
+            losses = [bench.results[size, recipe, seed][b] for b in branches]
+            cells = [f"**{loss:.4f}**" if loss == min(losses) else f"{loss:.4f}" for loss in losses]
+            print(f"| {recipe.optimizer}, {seed} | {' | '.join(cells)} |")
 
 
-RECIPES = {"1": "seed's: AdamW, cosine", "2": "AdamW, WSD", "3": "Muon + AdamW, WSD"}
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{statistics.mean(values):{sign}.4f} ± {statistics.stdev(values):.4f}"
 
 
-def print_recipe_table(name: str, runs: dict[tuple, list[float]], tokens_between: int, total_tokens: int):
-    """The size's grid, then each recipe at its chosen rate: the final loss of each seed, and the tokens it took to
-    reach recipe 1's final loss, as a share of recipe 1's tokens."""
-    print(f"\n### {name}\n")
-    print("| recipe | rate | seed 0: final validation loss |\n| --- | ---: | ---: |")
-    for (recipe, rate, seed), curve in runs.items():
-        if seed == 0:
-            print(f"| {recipe}. {RECIPES[recipe]} | {rate:g} | {curve[-1]:.4f} |")
-    final = {r: [runs[r, chosen(runs, r), seed][-1] for seed in RECIPE_SEEDS] for r in RECIPES}
-    target = statistics.mean(final["1"])
-    spread = abs(final["1"][0] - final["1"][1])
-    print(f"\nrecipe 1's final loss, mean of seeds: {target:.4f}; its seeds differ by {spread:.4f}\n")
-    print("| recipe | rate | final loss, seeds 0 / 1 | mean | vs recipe 1 | tokens to reach recipe 1's mean final "
-          "loss, seeds 0 / 1 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for recipe in RECIPES:
-        rate = chosen(runs, recipe)
-        reach = [tokens_to_reach(runs[recipe, rate, seed], target, tokens_between) for seed in RECIPE_SEEDS]
-        shares = " / ".join("not reached" if t is None else f"{t / total_tokens:.2f}" for t in reach)
-        print(f"| {recipe}. {RECIPES[recipe]} | {rate:g} | {final[recipe][0]:.4f} / {final[recipe][1]:.4f} "
-              f"| {statistics.mean(final[recipe]):.4f} | {statistics.mean(final[recipe]) - target:+.4f} "
-              f"| {shares} |")  # fmt: skip
+def print_speedups(bench: Bench, tuned: dict[str, Tuned]):
+    """Per size, the tokens AdamW needs for its longest budget's loss over the tokens Muon needs, per seed; and the
+    line through the sizes' means against log parameters, carried to GPT-2 124M's blocks as an extrapolation."""
+    print("\n### Muon's speedup: AdamW's tokens for its final loss / Muon's tokens for the same loss\n")
+    print(f"| size | block parameters | seeds {', '.join(map(str, RECIPE_SEEDS))} | mean ± sd |\n"
+          "| --- | ---: | ---: | ---: |")  # fmt: skip
+    for size, (layers, _, width) in bench.scale.sizes.items():
+        ratios = [speedup(bench, size, tuned[size], seed) for seed in RECIPE_SEEDS]
+        bound = BUDGETS[-1] / BUDGETS[0]  # past the budgets' range: a bound, not a measurement
+        shown = " / ".join(("≥" if r >= bound else "≤" if r <= 1 / bound else "") + f"{r:.2f}" for r in ratios)
+        mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
+        print(f"| {size} | {block_parameters(layers, width):,} | {shown} | {mean:.2f} ± {sd:.2f}× |")
+    slope, at_gpt2 = extrapolation(bench, tuned)
+    print(f"\nA straight line through the means against log block parameters: {slope:+.3f} per doubling; carried to "
+          f"GPT-2 124M's {GPT2_BLOCK_PARAMETERS / 1e6:.0f}M block parameters, an EXTRAPOLATION over "
+          f"{math.log10(GPT2_BLOCK_PARAMETERS / max(sizes_parameters(bench))):.1f} orders of magnitude: {at_gpt2:.2f}×."
+          " Published, tuned: 1.3–1.5× at 124M (the speedrun's records); 1.4× at 0.1B, 1.1× at 1.2B (Wen et al. 2025).")
 
 
-def plot_recipes(results: dict[str, dict[tuple, list[float]]], tokens_between: int, path: str):
-    """The validation curves of each recipe at its chosen rate, mean of the seeds, a panel per model size."""
+def sizes_parameters(bench: Bench) -> list[int]:
+    return [block_parameters(layers, width) for layers, _, width in bench.scale.sizes.values()]
+
+
+def extrapolation(bench: Bench, tuned: dict[str, Tuned]) -> tuple[float, float]:
+    """The least-squares line of mean speedup against log2 block parameters: its slope per doubling, and its value
+    at GPT-2 124M's block parameters."""
+    x = np.log2(sizes_parameters(bench))
+    y = [statistics.mean(speedup(bench, size, tuned[size], s) for s in RECIPE_SEEDS) for size in bench.scale.sizes]
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept + slope * math.log2(GPT2_BLOCK_PARAMETERS))
+
+
+def plot_recipe(bench: Bench, tuned: dict[str, Tuned], path: str):
+    """Three panels: final loss against tokens per recipe and size (mean of the seeds, band min to max); seed 0's
+    loss against each rate; the speedup against block parameters, with the extrapolation to 124M and the published
+    figures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, (name, runs) in zip(axes[0], results.items()):
-        for recipe, label in RECIPES.items():
-            rate = chosen(runs, recipe)
-            curves = np.array([runs[recipe, rate, seed] for seed in RECIPE_SEEDS])
-            tokens = np.arange(curves.shape[1]) * tokens_between
-            ax.plot(tokens[1:], curves.mean(axis=0)[1:], marker="o", label=f"{recipe}. {label} ({rate:g})")
-            ax.fill_between(tokens[1:], curves.min(axis=0)[1:], curves.max(axis=0)[1:], alpha=0.2)
-        ax.set(title=name, xlabel="training tokens", ylabel="validation loss (mean of 2 seeds; band: both)")
+    figure, (curves, rates, gains) = plt.subplots(1, 3, figsize=(18, 5))
+    for size in bench.scale.sizes:
+        budgets = bench.budgets(size, DECAY_FRACTION)
+        tokens = [b.end * bench.step_tokens for b in budgets]
+        for recipe, style in zip(tuned[size][:2], ("--", "-")):
+            losses = np.array([[bench.results[size, recipe, s][b] for b in budgets] for s in RECIPE_SEEDS])
+            line = curves.plot(tokens, losses.mean(axis=0), style, marker="o", label=f"{size}: {recipe.label()}")
+            curves.fill_between(tokens, losses.min(axis=0), losses.max(axis=0), color=line[0].get_color(), alpha=0.2)
+        for name, grid in tuned[size].grids.items():
+            rates.plot(list(grid), list(grid.values()), marker="o", label=f"{size}: {name}")
+    curves.set(xscale="log", xlabel="training tokens (each point a fully decayed run)", ylabel="validation loss",
+               title="final loss against tokens")  # fmt: skip
+    rates.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss, seed 0, longest budget",
+              title="the brackets")  # fmt: skip
+    params = sizes_parameters(bench)
+    means = [statistics.mean(speedup(bench, size, tuned[size], s) for s in RECIPE_SEEDS) for size in bench.scale.sizes]
+    gains.plot(params, means, "o", color="C0", label="this bench (mean of seeds)")
+    slope, at_gpt2 = extrapolation(bench, tuned)
+    x = np.geomspace(min(params), GPT2_BLOCK_PARAMETERS, 50)
+    gains.plot(x, at_gpt2 + slope * np.log2(x / GPT2_BLOCK_PARAMETERS), ":", color="C0",
+               label="extrapolation (a straight line in log parameters)")  # fmt: skip
+    gains.axhspan(1.3, 1.5, color="C2", alpha=0.2, label="speedrun records at 124M: 1.3-1.5x")
+    gains.plot([1e8, 1.2e9], [1.4, 1.1], "s", color="C3", label="Wen et al. 2025: 0.1B, 1.2B")
+    gains.set(xscale="log", xlabel="parameters (blocks)", ylabel="speedup in tokens", title="Muon's speedup")
+    for ax in (curves, rates, gains):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log axes: label the decades only
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -844,7 +1096,7 @@ def peak_memory_of(mode: Mode, device: str) -> int:
 
 BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval,
               "gpu": bench_gpu, "recipe": bench_recipe}
-SPEED = ["generate", "data", "train", "eval", "gpu"]  # what `python bench.py` runs: recipe takes 40 minutes
+SPEED = ["generate", "data", "train", "eval", "gpu"]  # what `python bench.py` runs: recipe takes an hour
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -856,16 +1108,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train benchmark: eager and/or torch.compile'd models")
     parser.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="train benchmark: precisions (bf16 is emulated, and very slow, on CPUs without it)")
-    parser.add_argument("--recipe-steps", type=int, default=200, help="recipe benchmark: steps of 1,024 tokens a run")
-    parser.add_argument("--recipe-png", default="runs/bench-recipe.png", help="recipe benchmark: where the curves go")
+    parser.add_argument("--recipe-png", default="runs/bench-recipe.png", help="recipe benchmark: where the plots go")
+    parser.add_argument("--recipe-gpu", action="store_true",
+                        help="recipe benchmark at GPT-2's vocabulary and widths on --device cuda (README: its cost)")
+    parser.add_argument("--recipe-data", default="data/fineweb10B",
+                        help="--recipe-gpu: prepare_data.py's shards (20 tokens a parameter: 1.7B for 12 x 768)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHMARKS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.recipe_steps < EVALUATIONS or args.recipe_steps % EVALUATIONS:
-        parser.error(f"--recipe-steps must be a multiple of {EVALUATIONS}, got {args.recipe_steps}")
+    if args.recipe_gpu and not args.device.startswith("cuda"):
+        parser.error(f"--recipe-gpu runs on a CUDA GPU: add --device cuda (got --device {args.device})")
     return args
 
 

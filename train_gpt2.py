@@ -52,7 +52,7 @@ from gpt2lite.cli import ArgumentParser, InputError, check_sampling_args, first_
 from gpt2lite.cpu_decode import few_row_matmuls
 from gpt2lite.devices import PRECISIONS, compile_error, peak_flops
 from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, copy_hf_weights, get_tokenizer, load_hf_model, save_hf_folder
-from gpt2lite.optimizers import JointOptimizer, share_across_processes
+from gpt2lite.optimizers import MUON_LR, JointOptimizer, set_muon_momentum, share_across_processes
 from gpt2lite.run import MODEL_FLAGS, Processes, Run, check_inputs, describe_run, make_run_dir, micro_batch, resume
 from gpt2lite.shards import checked_tokens, find_shards, load_tokens
 
@@ -261,7 +261,7 @@ class GPT(nn.Module):
     # --- Training -----------------------------------------------------------------------------------------------
 
     def configure_optimizers(
-        self, weight_decay: float, learning_rate: float, muon_lr: float | None = None
+        self, weight_decay: float, learning_rate: float, muon_lr: float | None = None, muon_weight_decay: float = 0.0
     ) -> torch.optim.AdamW | JointOptimizer:
         """AdamW with GPT-3's settings (appendix B): betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
 
@@ -288,9 +288,9 @@ class GPT(nn.Module):
         # matrix move at one rate, not a few dominant ones. That suits maps between hidden spaces; the embedding (a
         # table whose rows move a token at a time; the head is the same table) and the vectors (biases, LayerNorm
         # gains: no singular vectors) stay on AdamW. torch scales a tall matrix's rate by sqrt(rows / cols), 2x for
-        # c_fc. The schedule scales both peaks (lr_scale); decay shrinks a weight by lr x weight_decay a step in both.
+        # c_fc. The schedule scales both peaks (lr_scale); each decays a weight by its lr x its weight decay a step.
         muon_group = {"params": hidden, "lr_scale": muon_lr / learning_rate}
-        muon = torch.optim.Muon([muon_group], lr=muon_lr, weight_decay=weight_decay * learning_rate / muon_lr)
+        muon = torch.optim.Muon([muon_group], lr=muon_lr, weight_decay=muon_weight_decay)
         return JointOptimizer(share_across_processes(muon), adamw)  # one to GradScaler: an overflow skips both
 
 
@@ -360,8 +360,7 @@ def stream(
     seed: int | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Continue each row of idx (B, T) by max_new_tokens tokens, yielding each new token as a (B, 1) tensor as soon
-    as it is chosen.
+    """Continue each row of idx (B, T) by max_new_tokens tokens, yielding each new token, (B, 1), once it is chosen.
 
     temperature 0 is greedy decoding; otherwise the next token is drawn from softmax(logits / temperature),
     restricted to the top_k most likely tokens and then to the smallest set whose probability reaches top_p.
@@ -553,8 +552,7 @@ def choose_precision(device: str, requested: str) -> tuple[str, str]:
     bf16 keeps fp32's range, so it needs no loss scaling; GPUs run it on tensor cores from compute capability
     8.0 (A100, RTX 30xx/40xx, H100). Older GPUs such as the T4 (7.5) run fp16 on their tensor cores, whose small
     range needs a GradScaler. Decide by capability: torch.cuda.is_bf16_supported() says yes on a T4, where bf16
-    is only emulated, and slower than fp32.
-    """
+    is only emulated, and slower than fp32."""
     device_type = torch.device(device).type
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -738,12 +736,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--max-steps", type=int, default=40000, help="optimizer steps")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of --max-steps, at most 2,000)")
     add("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' matrices")
-    add("--max-lr", type=float, default=6e-4, help="peak learning rate (AdamW's)")
-    add("--muon-lr", type=float, default=0.01, help="Muon's peak learning rate (bench.py recipe's choice)")
-    add("--min-lr", type=float, default=6e-5, help="final learning rate, AdamW's (Muon's in proportion)")
+    add("--max-lr", type=float, help="AdamW's peak lr (default 6e-4, the seed's; beside Muon 1.3e-3: README)")
+    add("--weight-decay", type=float, help="AdamW's on matrices, embeddings (default 0.1, GPT-3's; beside Muon 0)")
+    add("--muon-lr", type=float, default=MUON_LR, help="Muon's peak lr: the speedrun records' 0.02 / sqrt 8 (README)")
+    add("--muon-weight-decay", type=float, default=0.0, help="Muon's, lr x this a step (the records: 0)")
+    add("--muon-momentum-warmup", type=int, help="steps of Muon's momentum 0.85 -> 0.95 (default: 262M tokens' worth)")
+    add("--min-lr", type=float, help="final lr, AdamW's; Muon's in proportion (default: cosine 6e-5, wsd 0)")
     add("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine, or flat then linear")
     add("--decay-fraction", type=float, default=0.2, help="wsd: share of --max-steps spent decaying to --min-lr")
-    add("--weight-decay", type=float, default=0.1, help="decay on matrices and embeddings (per step: lr x this)")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     # evaluation, sampling, checkpoints
     add("--eval-interval", type=int, default=250, help="steps between validation losses")
@@ -793,8 +793,8 @@ def prepare_model(run: Run):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on TF32 tensor cores: ~8x, 10 mantissa bits
         torch.backends.cudnn.allow_tf32 = True
-    muon_lr = run.args.muon_lr if run.args.optimizer == "muon" else None
-    run.optimizer = run.raw_model.configure_optimizers(run.args.weight_decay, run.args.max_lr, muon_lr)
+    args, muon_lr = run.args, run.args.muon_lr if run.args.optimizer == "muon" else None
+    run.optimizer = run.raw_model.configure_optimizers(args.weight_decay, args.max_lr, muon_lr, args.muon_weight_decay)
     if run.args.batch_size == "auto" and device_type == "cuda":  # the largest micro batch that fits beside the model
         planning.fit_micro_batch(run)  # and its optimizer's state to come, measured before wrap_model compiles
     run.model, run.compiled = wrap_model(run)
@@ -866,6 +866,7 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.world_size > 1:
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the logged loss is the whole batch's
     lr = get_lr(step, args.warmup_steps, args.max_steps, args.max_lr, args.min_lr, args.schedule, args.decay_fraction)
+    set_muon_momentum(run.optimizer, step, args.muon_momentum_warmup)  # 0.85 up to 0.95; AdamW has no Muon group
     norm, skipped = clip_and_step(run.model, run.optimizer, run.scaler, lr, args.grad_clip)
     loss_value, norm_value = loss.item(), norm.item()  # waits for the GPU, so the clock below is honest
     return StepResult(loss_value, lr, norm_value, skipped, time.perf_counter() - t0)

@@ -18,6 +18,44 @@ def muon_available() -> bool:
     return hasattr(torch.optim, "Muon")
 
 
+# --optimizer muon's defaults come from the speedrun's records with a tied embedding and head (KellerJordan/
+# modded-nanogpt, October 2024; README, Recipe): Muon at 0.02 (the optimizer comparison of 2024-10-29) and AdamW at
+# 3.6e-3 for the embedding and head, neither with weight decay, at 524,288 tokens a step. Our step is 8x smaller, and
+# an adaptive optimizer's rate goes as the square root of the batch (Malladi et al. 2022): both divided by sqrt(8).
+RECORD_STEP_TOKENS = 524_288
+MUON_LR = 0.007  # 0.02 / sqrt(8)
+MUON_EMBED_LR = 1.3e-3  # 3.6e-3 / sqrt(8): AdamW's rate, under Muon, for the embedding, head and vectors
+MUON_EMBED_WEIGHT_DECAY = 0.0
+MUON_WEIGHT_DECAY = 0.0
+
+# Muon's momentum warms up from 0.85 to 0.95 over the first 500 steps in the records that brought it in (2024-11-06,
+# 500 of 3,200 steps): here over as many tokens, and at most the same sixth of the run
+MOMENTUM_START, MOMENTUM_END = 0.85, 0.95
+MOMENTUM_WARMUP_TOKENS, MOMENTUM_WARMUP_SHARE = 500 * RECORD_STEP_TOKENS, 500 / 3200
+
+
+def momentum_warmup_steps(total_batch_size: int, max_steps: int) -> int:
+    """--muon-momentum-warmup's default: the records' 500 steps in tokens, at most their share of the run."""
+    return min(round(MOMENTUM_WARMUP_TOKENS / total_batch_size), int(MOMENTUM_WARMUP_SHARE * max_steps))
+
+
+def muon_momentum(step: int, warmup_steps: int) -> float:
+    """Muon's momentum at this step: from 0.85 up to 0.95 in a straight line over the first warmup_steps, as the
+    speedrun's records do. Early on the loss surface changes fast and a long average of old gradients points the
+    wrong way; later a longer average (1 / (1 - 0.95) = 20 steps) smooths the noise of small batches."""
+    if step >= warmup_steps:  # also a warmup of 0 steps: the momentum is 0.95 throughout
+        return MOMENTUM_END
+    return MOMENTUM_START + (MOMENTUM_END - MOMENTUM_START) * step / warmup_steps
+
+
+def set_muon_momentum(optimizer, step: int, warmup_steps: int):
+    """Set the momentum of the optimizer's Muon groups (the groups with Newton-Schulz coefficients) for this step;
+    an AdamW-only optimizer has none, and is left alone."""
+    for group in optimizer.param_groups:
+        if "ns_coefficients" in group:
+            group["momentum"] = muon_momentum(step, warmup_steps)
+
+
 class JointOptimizer:
     """The optimizers given, as one: param_groups lists every group of each, step() and zero_grad() call each, and
     the state dict holds each one's state. Enough of torch.optim.Optimizer for GradScaler's unscale_ and step (which

@@ -33,7 +33,15 @@ from gpt2lite.devices import training_device
 from gpt2lite.evaluation import HELLASWAG_CACHE, HELLASWAG_URL, data_file, hellaswag_examples, hellaswag_scores
 from gpt2lite.gpt2_files import from_the_hub
 from gpt2lite.lock import RunLock, lock_problem, remove_leftovers
-from gpt2lite.optimizers import MUON_TORCH, load_keeping_settings, members, muon_available
+from gpt2lite.optimizers import (
+    MUON_EMBED_LR,
+    MUON_EMBED_WEIGHT_DECAY,
+    MUON_TORCH,
+    load_keeping_settings,
+    members,
+    momentum_warmup_steps,
+    muon_available,
+)
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
 SEED_MICRO_BATCH = 4  # the seed's 4 x 1,024, and what --batch-size auto means off CUDA, where nothing is measured
@@ -177,7 +185,8 @@ def out_of_range(args: argparse.Namespace) -> dict[str, str]:
     at_least_one = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "seq_len"]
     at_least_one += ["total_batch_size", "max_steps", "eval_interval", "eval_steps", "keep_last"]
     not_negative = ["warmup_steps", "sample_interval", "ckpt_interval", "patience", "grad_clip", "weight_decay"]
-    not_negative += ["hellaswag_interval", "hellaswag_limit", "seed"]
+    not_negative += ["muon_weight_decay", "muon_momentum_warmup", "min_lr", "hellaswag_interval", "hellaswag_limit"]
+    not_negative += ["seed"]
     found = {}
     for name in at_least_one + not_negative:
         value, least = getattr(args, name), 1 if name in at_least_one else 0
@@ -186,8 +195,9 @@ def out_of_range(args: argparse.Namespace) -> dict[str, str]:
             found[name] = f"--{name.replace('_', '-')} must {rule}, got {value}"
     if not 0 <= args.dropout < 1:
         found["dropout"] = f"--dropout must be in [0, 1), got {args.dropout}"
-    if not args.muon_lr > 0:
-        found["muon_lr"] = f"--muon-lr must be positive, got {args.muon_lr}"
+    for name in ("max_lr", "muon_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            found[name] = f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     if not 0 < args.decay_fraction <= 1:
         found["decay_fraction"] = f"--decay-fraction must be in (0, 1], got {args.decay_fraction}"
     return found
@@ -197,12 +207,11 @@ def check_schedule(args: argparse.Namespace):
     """Settings that must agree with each other and with this torch; checked once a resumed run's own settings are
     back in place."""
     problems = Problems()
-    if args.warmup_steps is None:  # resolved once: a resumed run keeps the warmup it started with
-        args.warmup_steps = min(2000, args.max_steps // 20)
-    elif args.warmup_steps >= args.max_steps:
+    resolve_recipe(args)
+    if args.warmup_steps >= args.max_steps:
         problems.add(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
-    if not 0 < args.min_lr <= args.max_lr:
-        problems.add(f"--min-lr {args.min_lr} must be positive and at most --max-lr {args.max_lr}")
+    if 0 < args.max_lr < args.min_lr:  # a --max-lr out of range has its own line
+        problems.add(f"--min-lr {args.min_lr} must be at most --max-lr {args.max_lr}")
     decay_steps = max(1, round(args.decay_fraction * args.max_steps))  # as get_lr counts them
     if args.schedule == "wsd" and args.warmup_steps + decay_steps > args.max_steps:
         problems.add(f"--schedule wsd: --warmup-steps {args.warmup_steps} and the decay's {decay_steps} steps "
@@ -211,6 +220,26 @@ def check_schedule(args: argparse.Namespace):
         problems.add(f"--optimizer muon needs torch {MUON_TORCH} or newer (torch.optim.Muon), and this is torch "
                      f"{torch.__version__}: pip install 'torch>={MUON_TORCH}', or use --optimizer adamw")  # fmt: skip
     problems.raise_any()
+
+
+def resolve_recipe(args: argparse.Namespace):
+    """The defaults that depend on other flags, worked out once: a resumed run keeps what it started with.
+
+    AdamW alone keeps the seed's recipe (GPT-3's: 6e-4, decay 0.1). Beside Muon, AdamW trains the embedding, head
+    and vectors at the speedrun's rate, without decay (optimizers.py, MUON_EMBED_LR). The cosine ends at a tenth of
+    the peak, as the seed's; WSD decays to zero, which beats ending at a tenth (Bergsma et al. 2025), and bench.py
+    recipe measures it."""
+    muon = args.optimizer == "muon"
+    if args.max_lr is None:
+        args.max_lr = MUON_EMBED_LR if muon else 6e-4
+    if args.weight_decay is None:
+        args.weight_decay = MUON_EMBED_WEIGHT_DECAY if muon else 0.1
+    if args.min_lr is None:  # 6e-4 / 10 is 5.9999999999999995e-05: six digits keep the seed's 6e-5 exactly
+        args.min_lr = float(f"{args.max_lr / 10:.6g}") if args.schedule == "cosine" else 0.0
+    if args.warmup_steps is None:
+        args.warmup_steps = min(2000, args.max_steps // 20)
+    if args.muon_momentum_warmup is None:
+        args.muon_momentum_warmup = momentum_warmup_steps(args.total_batch_size, args.max_steps)
 
 
 def accumulation_steps(args: argparse.Namespace, batch_size: int, world_size: int) -> int:
@@ -255,6 +284,11 @@ def open_run_dir(
     for name, value in saved.items():
         if name not in given and name not in ("resume", "device"):  # the run's own settings, unless changed
             setattr(args, name, value)
+    if saved.get("optimizer") == "muon" and "muon_weight_decay" not in saved:  # saved before these were flags
+        for name, value in [("muon_weight_decay", saved["weight_decay"] * saved["max_lr"] / saved["muon_lr"]),
+                            ("muon_momentum_warmup", 0)]:  # fmt: skip
+            if name not in given:
+                setattr(args, name, value)
     if checkpoint is not None and args.optimizer != saved.get("optimizer", "adamw"):  # AdamW before Muon came
         problems.add(f"--optimizer {args.optimizer} differs from {path}'s {saved.get('optimizer', 'adamw')}, whose "
                      "state the checkpoint holds: drop the flag, or start a new --run-dir")  # fmt: skip
@@ -393,20 +427,26 @@ def resume(run: Run):
         truncate_log(run.args.run_dir, run.step)
 
 
+def count(params: list[torch.Tensor]) -> str:
+    return f"{sum(p.numel() for p in params):,}"
+
+
 def describe_run(run: Run):
     """What the run chose, printed before its first step."""
     args, model, *muon, adamw = run.args, run.raw_model, *members(run.optimizer)
     decayed, not_decayed = (group["params"] for group in adamw.param_groups)
     run.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {model.config}")
+    final = f"{args.min_lr / args.max_lr:.0%} of the peak" if args.min_lr else "zero"
+    run.say(f"lr: warmup {args.warmup_steps} steps, then {args.schedule} down to {final} at step {args.max_steps}")
     if muon:
         matrices = [p for group in muon[0].param_groups for p in group["params"]]
         shared = f", shared out among {run.world_size} processes" if run.world_size > 1 else ""  # ShardedMuon
-        run.say(f"Muon on the blocks' {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters"
-                f"{shared}), peak lr {args.muon_lr:g}; AdamW on the rest, peak lr {args.max_lr:g}")  # fmt: skip
-    run.say(
-        f"weight decay on {len(decayed)} tensors ({sum(p.numel() for p in decayed):,} parameters), "
-        f"none on {len(not_decayed)} ({sum(p.numel() for p in not_decayed):,})"
-    )
+        run.say(f"Muon: the blocks' {len(matrices)} matrices ({count(matrices)} parameters{shared}), peak lr "
+                f"{args.muon_lr:g}, weight decay {args.muon_weight_decay:g}, momentum 0.85 -> 0.95 over "
+                f"{args.muon_momentum_warmup} steps")  # fmt: skip
+    takes = "the embedding (the head's too) and the vectors" if muon else "every parameter"
+    run.say(f"AdamW: {takes}, peak lr {args.max_lr:g}, weight decay {args.weight_decay:g} on {len(decayed)} tensors "
+            f"({count(decayed)} parameters), none on {len(not_decayed)} ({count(not_decayed)})")  # fmt: skip
     run.say(
         f"device {run.device} x {run.world_size} process(es) | precision {run.precision} ({run.why}) | "
         f"compile {run.compiled} | "

@@ -3,6 +3,8 @@
 python -m pytest tests/test_bench.py -q
 """
 
+import math
+
 import pytest
 import torch
 
@@ -193,38 +195,109 @@ def test_the_eval_benchmark_runs_on_generated_text_in_a_clone_without_real_text(
     assert all(context and completion for pairs in tasks.values() for context, completion in pairs)
 
 
-def test_tokens_to_reach_interpolates_between_evaluations():
-    from bench import tokens_to_reach
+def test_tokens_needed_interpolates_a_final_loss_curve_in_log_tokens():
+    from bench import tokens_needed
 
-    curve = [9.0, 7.0, 6.0, 5.0]  # evaluated every 100 tokens
-    assert tokens_to_reach(curve, 6.0, 100) == 200
-    assert tokens_to_reach(curve, 6.5, 100) == pytest.approx(150)
-    assert tokens_to_reach(curve, 8.0, 100) == pytest.approx(50)
-    assert tokens_to_reach(curve, 4.9, 100) is None
+    curve = {100: 5.0, 200: 4.0, 400: 3.5}  # each point a run decayed at that budget
+    assert tokens_needed(curve, 4.0) == pytest.approx(200)
+    assert tokens_needed(curve, 4.5) == pytest.approx(100 * 2**0.5), "halfway in log tokens"
+    assert tokens_needed(curve, 5.5) is None, "reached before the smallest budget"
+    assert tokens_needed(curve, 3.0) == float("inf"), "not reached"
 
 
-def test_recipe_benchmark_runs_every_recipe_and_draws_the_curves(tmp_path, monkeypatch, capsys):
-    """At a tiny size and 10 steps on generated text (what a clone without the project's real text uses): the
-    grids on seed 0, each recipe's chosen rate on seed 1, the tables and the PNG."""
+@pytest.mark.parametrize(
+    "first, points, bracketed",
+    [
+        (0.02, [0.01, 0.02, 0.04, 0.08], True),  # widened once, upward
+        (1.0, [2.0**k for k in range(-5, 2)], True),  # widened four times, downward
+        (0.001, [0.0005 * 2**k for k in range(8)], False),  # still best at the edge when MOST_POINTS are spent
+    ],
+)
+def test_a_grid_widens_until_its_best_rate_has_a_worse_point_on_each_side(first, points, bracketed):
+    from bench import MOST_POINTS, bracket, is_bracketed
+
+    grid = bracket(lambda rate: (math.log2(rate / 0.05)) ** 2, first)  # the best rate: 0.05
+    assert list(grid) == pytest.approx(points) and len(grid) <= MOST_POINTS
+    assert is_bracketed(grid) == bracketed
+    if bracketed:
+        assert min(grid, key=grid.get) == pytest.approx(min(points, key=lambda r: abs(math.log2(r / 0.05))))
+
+
+@pytest.fixture
+def tiny_recipe_bench(tmp_path, monkeypatch):
+    """The recipe bench at two tiny sizes on generated text (what a clone without the project's real text reads):
+    budgets of half and all of one token a block parameter, two seeds, two decay shares."""
     import bench
 
     monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
-    monkeypatch.setattr(bench, "RECIPE_SIZES", {"2 layers, width 32": (2, 2, 32)})
-    monkeypatch.setattr(bench, "EVAL_WINDOWS", 16)
-    main(["recipe", "--recipe-steps", "10", "--recipe-png", str(tmp_path / "curves.png")])
+    monkeypatch.setattr(bench, "GENERATED_TEXTS", 400)
+    scale = bench.Scale({"1 x 16": (1, 1, 16), "1 x 32": (1, 2, 32)}, 64, 4, 32, 1, "cpu", "fp32", 1.0)
+    monkeypatch.setattr(bench, "CPU_SCALE", scale)
+    monkeypatch.setattr(bench, "BUDGETS", (0.5, 1.0))
+    monkeypatch.setattr(bench, "RECIPE_SEEDS", (0, 1))
+    monkeypatch.setattr(bench, "DECAY_FRACTIONS", (0.2, 0.5))
+    monkeypatch.setattr(bench, "DECAY_SEEDS", (0,))
+    return bench
+
+
+def test_a_branch_decays_as_a_run_of_its_own_length(tiny_recipe_bench, tmp_path):
+    """WSD's decay depends on nothing before it: a branch copied from a flat run that goes on past it ends where a
+    run of just that branch ends, bit for bit."""
+    bench = tiny_recipe_bench
+    bench.recipe_shards(str(tmp_path), 64)
+    runner = bench.Bench(bench.CPU_SCALE, str(tmp_path), planned_runs=2)
+    short, long = bench.Branch(8, 2), bench.Branch(16, 4)
+    for recipe in (bench.Recipe("adamw", 3e-3), bench.Recipe("muon", 3e-3, 0.02)):
+        both = bench.branched_run(runner, "1 x 16", recipe, 0, [short, long])
+        alone = bench.branched_run(runner, "1 x 16", recipe, 0, [short])
+        assert both[short] == alone[short] and both[long] < both[short]
+
+
+def test_recipe_benchmark_brackets_every_rate_and_reads_the_speedup_off_the_curves(tiny_recipe_bench, tmp_path,
+                                                                                    capsys):  # fmt: skip
+    bench = tiny_recipe_bench
+    main(["recipe", "--recipe-png", str(tmp_path / "recipe.png")])
     out = capsys.readouterr().out
-    assert "generated text (no real text beside the clone)" in out
-    runs = [line for line in out.splitlines() if line.startswith("  2 x 32, recipe ")]
-    assert len(runs) == 10  # 1 + 3 + 3 rates on seed 0, one per recipe on seed 1
-    assert [line.split(", seed ")[1][0] for line in runs] == ["0"] * 7 + ["1"] * 3
-    base = bench.seed_lr(32)
-    assert f"recipe 2, rate {base:g}, seed 0" in out and f"recipe 2, rate {4 * base:g}, seed 0" in out
-    assert "recipe 3, rate 0.04, seed 0" in out
-    table = [line for line in out.splitlines() if line.startswith("| 1. seed's: AdamW, cosine | ")]
-    assert len(table) == 2 and "| +0.0000 |" in table[1]
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "GENERATED text, not real text" in out
+    assert "| 1 x 16 | 3,280 | 4,848 | 26, 3,328 | 1.0 | 13, 26 |" in out, "the regime: steps, tokens, budgets"
+    for size in ("1 x 16", "1 x 32"):
+        section = out.split(f"### {size}")[1].split("###")[0]
+        grids = [line for line in section.splitlines() if line.startswith("- ")]
+        assert [line.split(":")[0] for line in grids] == ["- AdamW lr", "- Muon lr", "- embedding lr under Muon"]
+        assert all(line.endswith("(bracketed)") or line.endswith("(NOT BRACKETED)") for line in grids)
+        assert all(line.count("**") == 2 for line in grids), "one chosen rate each"
+        assert "| Muon − AdamW, paired by seed | " in section
+        assert "| adamw, 0 | " in section and "| muon, 0 | " in section, "the decay study"
+    speedups = out.split("### Muon's speedup")[1].splitlines()
+    assert [line.split(" | ")[0] for line in speedups if line.startswith("| 1 x ")] == ["| 1 x 16", "| 1 x 32"]
+    assert all(line.endswith("× |") for line in speedups if line.startswith("| 1 x "))
+    assert "an EXTRAPOLATION over" in out
+    # every run: each size's grids on seed 0, then seed 1 at the chosen rates, then the decay study
+    runs = [line for line in out.splitlines() if line.startswith("  [")]
+    assert len(runs) == len({line.split("] ")[1].rsplit(" (", 1)[0] for line in runs}), "no run twice"
+    assert sum(line.count(" steps ") == 3 for line in runs) == 2 * 2, "the decay study: 3 branches, 2 recipes, 2 sizes"
+    assert (tmp_path / "recipe.png").stat().st_size > 20_000
+    assert bench.speedup  # the same function the table used: tested on its own below
 
 
-def test_recipe_steps_must_split_into_the_evaluations():
-    with pytest.raises(SystemExit):
-        main(["recipe", "--recipe-steps", "15"])
+def test_the_speedup_is_read_off_the_better_recipes_curve_at_the_worse_ones_final_loss():
+    from bench import Branch, Recipe, Tuned, speedup
+
+    class Results:  # what speedup() reads from a Bench
+        step_tokens = 100
+
+        def __init__(self, adamw: list[float], muon: list[float]):
+            self.results = {("s", tuned.adamw, 0): dict(zip(self.ends(), adamw)),
+                            ("s", tuned.muon, 0): dict(zip(self.ends(), muon))}  # fmt: skip
+
+        def ends(self):
+            return [Branch(end, end // 5) for end in (10, 20, 40)]
+
+        def budgets(self, size, fraction):
+            return self.ends()
+
+    tuned = Tuned(Recipe("adamw", 1e-3), Recipe("muon", 1e-3, 0.02), {})
+    assert speedup(Results([5.0, 4.5, 4.0], [4.5, 4.0, 3.8]), "s", tuned, 0) == pytest.approx(2.0)  # 4,000 / 2,000
+    assert speedup(Results([5.0, 4.5, 4.0], [4.5, 4.25, 4.0]), "s", tuned, 0) == pytest.approx(1.0)
+    assert speedup(Results([5.0, 4.5, 4.0], [3.9, 3.8, 3.7]), "s", tuned, 0) == pytest.approx(4.0), "a bound"
+    assert speedup(Results([4.5, 4.0, 3.8], [5.0, 4.5, 4.0]), "s", tuned, 0) == pytest.approx(0.5), "Muon slower"

@@ -132,7 +132,7 @@ def test_muon_learns_at_a_cards_settings_within_its_memory(card, text_data, tmp_
             "--ckpt-interval", "12", "--dtype", precision, "--compile",
             *(["--schedule", "wsd"] if card == "RTX 4080" else [])]  # fmt: skip
     out = train_within(memory_gib, argv, monkeypatch, card_cache(card), capsys)
-    assert "Muon on the blocks' 48 matrices (84,934,656 parameters)" in out and "compile True" in out, out
+    assert "Muon: the blocks' 48 matrices (84,934,656 parameters)" in out and "compile True" in out, out
     assert f"precision {precision}" in out, out
     steps = [m for m in map(STEP_LINE.fullmatch, out.splitlines()) if m]
     kept = [(float(m[2]), float(m[3])) for m in steps if "skipped" not in m[0]]  # fp16 may skip while finding its scale

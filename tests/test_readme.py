@@ -131,6 +131,8 @@ def test_each_command_names_a_script_that_accepts_its_flags(command):
     elif program == "pip":
         files = [rest[i + 1] for i, word in enumerate(rest) if word == "-r"]
         assert files and all((REPO / name).is_file() for name in files), command
+    elif program in ("mkdir", "cp"):  # a branch of a run: a checkpoint copied into a new run directory
+        assert all(word.startswith(("-", "runs/")) for word in rest), command
     else:
         assert program == "." and rest == [".venv/bin/activate"], f"an unexpected program: {command}"
 

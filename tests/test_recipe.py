@@ -17,7 +17,15 @@ from test_train import TINY_RUN, FixedBatches, logged_events, logged_losses, no_
 import train_gpt2
 from conftest import tiny_config
 from gpt2lite.cli import InputError
-from gpt2lite.optimizers import JointOptimizer, share_out, unallocated_state_bytes
+from gpt2lite.optimizers import (
+    JointOptimizer,
+    momentum_warmup_steps,
+    muon_momentum,
+    set_muon_momentum,
+    share_out,
+    unallocated_state_bytes,
+)
+from gpt2lite.run import resolve_recipe
 from train_gpt2 import GPT, GPTConfig, accumulate_gradients, autocast_for, clip_and_step, get_lr
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9")
@@ -68,6 +76,24 @@ def test_a_wsd_run_resumed_from_its_flat_part_with_more_steps_runs_as_if_planned
     assert lrs[3:19] == [3e-3] * 16 and lrs[19:] == sorted(lrs[19:], reverse=True)  # decay: steps 19 to 23
 
 
+def test_a_short_decay_branched_from_a_copy_of_a_flat_checkpoint_leaves_the_run_alone(tmp_path, data):
+    """The README's branch: a flat-phase checkpoint copied into a new run directory and resumed with a smaller
+    --max-steps decays from there to --min-lr, while the run it came from goes on unchanged."""
+    common = [*TINY_RUN, "--data-dir", str(data), "--schedule", "wsd", "--eval-interval", "4", "--ckpt-interval", "4",
+              "--sample-interval", "0", "--keep-last", "5", "--max-steps", "24"]  # fmt: skip
+    run, branch = tmp_path / "run", tmp_path / "branch"
+    assert run_train(*common, "--run-dir", str(run)).returncode == 0
+    branch.mkdir()
+    (branch / "ckpt_000008.pt").write_bytes((run / "ckpt_000008.pt").read_bytes())
+    result = run_train("--resume", "--run-dir", str(branch), "--max-steps", "10")  # decays over steps 8 and 9
+    assert result.returncode == 0, result.stderr
+    lrs = [e["lr"] for e in logged_events(branch) if e["split"] == "train"]
+    assert lrs == [get_lr(step, 3, 10, 3e-3, 3e-4, "wsd", 0.2) for step in (8, 9)] == pytest.approx([3e-3, 1.65e-3])
+    step_8 = [loss for loss in logged_losses(run) if loss[0] == 8]  # its evaluation and its step: the same state
+    assert [loss for loss in logged_losses(branch) if loss[0] == 8] == step_8 and len(step_8) == 2
+    assert (branch / "ckpt_000010.pt").exists() and (run / "ckpt_000024.pt").exists()
+
+
 # --- Muon beside AdamW ------------------------------------------------------------------------------------------
 
 
@@ -88,8 +114,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert len(every) == len({id(p) for p in every}) == len(list(model.parameters())), "each parameter once"
     (group,) = muon.param_groups
     assert group["lr"] == 0.02 and group["lr_scale"] == pytest.approx(0.02 / 6e-4)
-    # the same pull toward zero per step as AdamW's: lr x weight decay
-    assert group["lr"] * group["weight_decay"] == pytest.approx(6e-4 * 0.1)
+    assert group["weight_decay"] == 0.0, "Muon's own weight decay, 0 unless given: not AdamW's"
+    assert model.configure_optimizers(0.1, 6e-4, 0.02, 0.05).optimizers[0].param_groups[0]["weight_decay"] == 0.05
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
     assert unallocated_state_bytes(optimizer) == 4 * (sum(p.numel() for p in every) + sum(
         p.numel() for p in every if names[id(p)] not in on_muon))  # fmt: skip
 
@@ -146,7 +173,9 @@ def test_a_resume_takes_a_new_muon_lr_and_refuses_another_optimizer(tmp_path, da
             "--eval-interval", "2", "--sample-interval", "0", "--optimizer", "muon"]  # fmt: skip
     first = run_train(*args)
     assert first.returncode == 0, first.stderr
-    assert "Muon on the blocks' 8 matrices (98,304 parameters), peak lr 0.01; AdamW on the rest, peak lr 0.003" in (
+    assert "Muon: the blocks' 8 matrices (98,304 parameters), peak lr 0.007, weight decay 0, momentum 0.85 -> 0.95 " \
+           "over 0 steps" in first.stdout  # a sixth of 4 steps  # fmt: skip
+    assert "AdamW: the embedding (the head's too) and the vectors, peak lr 0.003, weight decay 0 on 2 tensors" in (
         first.stdout
     )
     refused = run_train("--resume", "--run-dir", str(run), "--max-steps", "6", "--optimizer", "adamw")
@@ -161,6 +190,67 @@ def test_a_resume_takes_a_new_muon_lr_and_refuses_another_optimizer(tmp_path, da
     assert muon_state["param_groups"][0]["lr_scale"] == pytest.approx(0.03 / 3e-3), "the new --muon-lr applies"
     assert all("momentum_buffer" in s for s in muon_state["state"].values())
     assert all({"exp_avg", "exp_avg_sq"} <= set(s) for s in adamw_state["state"].values())
+
+
+def recipe_defaults(*argv: str) -> dict:
+    args, _ = train_gpt2.parse_args(list(argv))
+    resolve_recipe(args)
+    names = ["max_lr", "min_lr", "weight_decay", "muon_lr", "muon_weight_decay", "muon_momentum_warmup"]
+    return {name: getattr(args, name) for name in names}
+
+
+def test_adamw_keeps_the_seeds_recipe_and_muon_takes_the_records_scaled_to_our_step():
+    assert recipe_defaults() == {"max_lr": 6e-4, "min_lr": 6e-5, "weight_decay": 0.1, "muon_lr": 0.007,
+                                 "muon_weight_decay": 0.0, "muon_momentum_warmup": 4000}  # fmt: skip
+    assert recipe_defaults("--schedule", "wsd")["min_lr"] == 0.0, "WSD decays to zero"
+    muon = recipe_defaults("--optimizer", "muon")
+    assert (muon["max_lr"], muon["weight_decay"], muon["min_lr"]) == (1.3e-3, 0.0, 1.3e-4)
+    # the records' 0.02 and 3.6e-3 at 524,288 tokens a step, over the square root of 8 for our 65,536
+    assert muon["muon_lr"] == pytest.approx(0.02 / 8**0.5, rel=0.02)
+    assert muon["max_lr"] == pytest.approx(3.6e-3 / 8**0.5, rel=0.03)
+    given = recipe_defaults("--optimizer", "muon", "--max-lr", "2e-3", "--weight-decay", "0.05", "--min-lr", "0")
+    assert (given["max_lr"], given["weight_decay"], given["min_lr"]) == (2e-3, 0.05, 0.0)
+
+
+def test_muons_momentum_warms_up_over_the_records_tokens_at_most_their_share_of_the_run():
+    # 500 steps of 524,288 tokens: 4,000 of 65,536; at most 500 / 3,200 of the run
+    assert momentum_warmup_steps(65536, 50000) == 4000 and momentum_warmup_steps(524288, 50000) == 500
+    assert momentum_warmup_steps(65536, 3200) == 500 and momentum_warmup_steps(65536, 4) == 0
+    assert [muon_momentum(step, 100) for step in (0, 50, 100, 500)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert muon_momentum(0, 0) == 0.95, "no warmup: 0.95 from the first step"
+    model = GPT(tiny_config())
+    optimizer = model.configure_optimizers(0.1, 1e-3, muon_lr=0.02)
+    set_muon_momentum(optimizer, 25, 100)
+    muon, adamw = optimizer.optimizers
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.875)
+    assert all(group["betas"] == (0.9, 0.95) and "momentum" not in group for group in adamw.param_groups)
+
+
+def test_a_muon_run_warms_its_momentum_up_step_by_step(tmp_path, data):
+    """The chapter's step sets the momentum: after steps 0 to 3 of an 8-step warmup, the checkpoint holds step 3's."""
+    run = tmp_path / "run"
+    result = run_train(*TINY_RUN, "--data-dir", str(data), "--run-dir", str(run), "--max-steps", "4",
+                       "--optimizer", "muon", "--muon-momentum-warmup", "8", "--sample-interval", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    muon_state = torch.load(run / "ckpt_000004.pt", weights_only=True)["optimizer"]["optimizers"][0]
+    assert muon_state["param_groups"][0]["momentum"] == pytest.approx(muon_momentum(3, 8)) == pytest.approx(0.8875)
+
+
+def test_a_muon_checkpoint_from_before_these_flags_resumes_with_the_decay_it_had(tmp_path, data):
+    """Before --muon-weight-decay, Muon decayed by AdamW's lr x weight decay a step, and its momentum did not warm
+    up: a checkpoint without the new settings keeps that."""
+    run = tmp_path / "run"
+    args = [*TINY_RUN, "--data-dir", str(data), "--run-dir", str(run), "--max-steps", "4", "--sample-interval", "0",
+            "--optimizer", "muon", "--weight-decay", "0.1", "--muon-lr", "0.01"]  # fmt: skip
+    assert run_train(*args).returncode == 0
+    checkpoint = torch.load(run / "ckpt_000004.pt", weights_only=False)
+    for name in ("muon_weight_decay", "muon_momentum_warmup"):
+        del checkpoint["args"][name]
+    torch.save(checkpoint, run / "ckpt_000004.pt")
+    resumed = run_train("--resume", "--run-dir", str(run), "--max-steps", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    group = torch.load(run / "ckpt_000006.pt", weights_only=True)["optimizer"]["optimizers"][0]["param_groups"][0]
+    assert group["weight_decay"] == pytest.approx(0.1 * 3e-3 / 0.01) and group["momentum"] == 0.95
 
 
 def test_a_torch_without_muon_gets_one_line(tmp_path, data, monkeypatch):
@@ -183,6 +273,11 @@ def test_a_torch_without_muon_gets_one_line(tmp_path, data, monkeypatch):
                                                        "(--decay-fraction 0.2) add up to more than --max-steps 10"),
         (["--decay-fraction", "0"], "--decay-fraction must be in (0, 1], got 0.0"),
         (["--muon-lr", "-1"], "--muon-lr must be positive, got -1.0"),
+        (["--max-lr", "0"], "--max-lr must be positive, got 0.0"),
+        (["--muon-weight-decay", "-0.1"], "--muon-weight-decay must not be negative, got -0.1"),
+        (["--muon-momentum-warmup", "-1"], "--muon-momentum-warmup must not be negative, got -1"),
+        (["--min-lr=-1e-4"], "--min-lr must not be negative, got -0.0001"),
+        (["--min-lr", "4e-3"], "--min-lr 0.004 must be at most --max-lr 0.003"),
         (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["--batch-size", "many"], "invalid micro_batch value: 'many'"),
     ],

@@ -371,7 +371,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, small_data, monkeyp
         (["--total-batch-size", "1000"], "--total-batch-size 1,000 is not a multiple of batch-size x seq-len"),
         (["--seq-len", "128", "--total-batch-size", "512"], "--seq-len 128 is above the model's block size 64"),
         (["--warmup-steps", "10", "--max-steps", "10"], "--warmup-steps 10 must be below --max-steps 10"),
-        (["--min-lr", "1e-2"], "--min-lr 0.01 must be positive and at most --max-lr"),
+        (["--min-lr", "1e-2"], "--min-lr 0.01 must be at most --max-lr 0.003"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--dtype", "fp8"], "invalid choice: 'fp8'"),
         (["--data-dir", "NOWHERE"], "does not exist: run prepare_data.py first"),
