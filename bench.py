@@ -45,14 +45,8 @@ from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
 from gpt2lite.devices import is_out_of_memory, peak_flops, pick_device
 from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
-from gpt2lite.optimizers import (
-    MUON_EMBED_WEIGHT_DECAY,
-    MUON_LR,
-    MUON_WEIGHT_DECAY,
-    momentum_warmup_steps,
-    set_muon_momentum,
-    unallocated_state_bytes,
-)
+from gpt2lite.optimizers import MUON_LR, set_muon_momentum, unallocated_state_bytes
+from gpt2lite.run import resolve_recipe
 from gpt2lite.shards import shard_bytes
 from train_gpt2 import GPT, DataLoader, GPTConfig
 
@@ -519,6 +513,16 @@ class Branch(NamedTuple):
     decay: int  # steps
     final: float = 0.0
 
+    @classmethod
+    def decayed(cls, end: int, fraction: float, final: float = 0.0) -> "Branch":
+        """A run of `end` steps whose last `fraction` decays, over one step at least (as get_lr counts it)."""
+        return cls(end, max(1, round(fraction * end)), final)
+
+    def label(self, steps: bool) -> str:
+        if steps:
+            return f"{self.end} steps"
+        return f"decay {self.decay / self.end:.0%}" + (" to 0.1x" if self.final else "")
+
 
 def seed_lr(width: int) -> float:
     """A first guess for AdamW's rate at a width: the seed's 6e-4 at GPT-2's 768, as 1/width (the grid moves on
@@ -574,10 +578,11 @@ class Bench:
         self.step_tokens = scale.B * scale.T * scale.accumulation
         self.val = DataLoader(data_dir, "val", scale.B, scale.T)
         self.val_windows = min(sum(self.val.windows_per_shard), 2048)  # all of the CPU's held-out text
-        train_tokens = DataLoader(data_dir, "train", scale.B, scale.T).total_tokens
-        self.one_pass = (train_tokens - scale.T) // self.step_tokens  # steps that read no window twice
+        windows = DataLoader(data_dir, "train", scale.B, scale.T).windows_per_shard
+        # steps that read no window twice, at any of the loader's offsets (one costs a shard a window at most)
+        self.one_pass = sum(max(0, n - 1) for n in windows) // (scale.B * scale.accumulation)
         self.results: dict[tuple[str, Recipe, int], dict[Branch, float]] = {}
-        self.planned, self.started = planned_runs, time.perf_counter()
+        self.runs, self.planned, self.started = 0, planned_runs, time.perf_counter()
 
     def longest(self, size: str) -> int:
         """The longest budget's steps for a size: one pass, or the scale's tokens per block parameter."""
@@ -592,8 +597,7 @@ class Bench:
 
     def budgets(self, size: str, decay_fraction: float) -> list[Branch]:
         """A size's budgets, each decayed to zero over its last decay_fraction."""
-        ends = [round(share * self.longest(size)) for share in BUDGETS]
-        return [Branch(end, max(1, round(decay_fraction * end))) for end in ends]
+        return [Branch.decayed(round(share * self.longest(size)), decay_fraction) for share in BUDGETS]
 
     def run(self, size: str, recipe: Recipe, seed: int, branches: list[Branch]) -> dict[Branch, float]:
         """The recipe's runs at these branches, from one flat run, with progress; kept in results (and taken from
@@ -603,43 +607,43 @@ class Bench:
             return {branch: known[branch] for branch in branches}
         t0 = time.perf_counter()
         losses = branched_run(self, size, recipe, seed, branches)
-        self.results.setdefault((size, recipe, seed), {}).update(losses)
-        done = len(self.results)
+        for branch, loss in losses.items():  # a branch measured before keeps its figure: every table shows one
+            known.setdefault(branch, loss)
+        self.results[size, recipe, seed] = known
+        self.runs += 1
         minutes = (time.perf_counter() - self.started) / 60
-        shown = ", ".join(f"{b.end} steps {loss:.4f}" for b, loss in sorted(losses.items()))
-        print(f"  [{done}/~{self.planned}, {minutes:.0f} min] {size}, {recipe.label()}, seed {seed}: {shown} "
+        by_steps = len({b.end for b in branches}) > 1  # budgets; else the decay study, all of one length
+        shown = ", ".join(f"{b.label(by_steps)} {loss:.4f}" for b, loss in losses.items())
+        print(f"  [{self.runs}/~{self.planned}, {minutes:.0f} min] {size}, {recipe.label()}, seed {seed}: {shown} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
         return losses
-
-    def final(self, size: str, recipe: Recipe, seed: int) -> float:
-        """The longest budget's loss at the default decay."""
-        return self.results[size, recipe, seed][self.budgets(size, DECAY_FRACTION)[-1]]
 
 
 def branched_run(bench: Bench, size: str, recipe: Recipe, seed: int, branches: list[Branch]) -> dict[Branch, float]:
     """train_gpt2.py's own pieces (model, loader, schedule, optimizers, momentum warmup, step and validation) with
     the chapter's defaults for the recipe, no checkpoints: one run flat at the peak rate, and at each branch's start a
     copy that decays to its end (WSD's decay depends on nothing before it, so a copy gives the loss a run of that
-    length would). The warmups are train_gpt2.py's defaults for the size's longest budget, whichever branches run
-    (the lr's 5% of it, the momentum's at most a sixth); each branch is validated on the same held-out windows."""
+    length would, with the same warmups). The warmups and weight decays are train_gpt2.py's defaults for a run of the
+    size's longest budget, whichever branches run: a shorter budget shares them, as a branch of a real run does
+    (README, Recipe). Each branch is validated on the same held-out windows."""
     scale, (layers, heads, width) = bench.scale, bench.scale.sizes[size]
-    longest = bench.longest(size)
-    warmup, momentum_warmup = longest // 20, momentum_warmup_steps(bench.step_tokens, longest)
+    flags = ["--optimizer", recipe.optimizer, "--max-steps", str(bench.longest(size))]
+    defaults, _ = train_gpt2.parse_args([*flags, "--total-batch-size", str(bench.step_tokens), "--schedule", "wsd"])
+    resolve_recipe(defaults)
     torch.manual_seed(seed)
     config = GPTConfig(block_size=scale.T, vocab_size=scale.vocab, n_layer=layers, n_head=heads, n_embd=width)
     model = GPT(config).to(scale.device)
-    muon = recipe.optimizer == "muon"
-    decay = (MUON_EMBED_WEIGHT_DECAY if muon else 0.1, MUON_WEIGHT_DECAY)
-    optimizer = model.configure_optimizers(decay[0], recipe.lr, recipe.muon_lr if muon else None, decay[1])
+    muon_lr = recipe.muon_lr if recipe.optimizer == "muon" else None
+    optimizer = model.configure_optimizers(defaults.weight_decay, recipe.lr, muon_lr, defaults.muon_weight_decay)
     train = DataLoader(bench.data_dir, "train", scale.B, scale.T, seed=seed)
     autocast = train_gpt2.autocast_for(scale.device, scale.precision)
     scaler = torch.amp.GradScaler(torch.device(scale.device).type, enabled=False)
 
     def step(model, optimizer, loader, index: int, branch: Branch):
         train_gpt2.accumulate_gradients(model, loader, scale.accumulation, autocast, scaler, scale.device)
-        lr = train_gpt2.get_lr(index, warmup, branch.end, recipe.lr, branch.final * recipe.lr, "wsd",
+        lr = train_gpt2.get_lr(index, defaults.warmup_steps, branch.end, recipe.lr, branch.final * recipe.lr, "wsd",
                                branch.decay / branch.end)  # fmt: skip
-        set_muon_momentum(optimizer, index, momentum_warmup)
+        set_muon_momentum(optimizer, index, defaults.muon_momentum_warmup)
         train_gpt2.clip_and_step(model, optimizer, scaler, lr, 1.0)
 
     losses, done = {}, 0
@@ -732,7 +736,7 @@ def decay_branches(bench: Bench, size: str) -> list[Branch]:
     """The longest budget decayed over each of DECAY_FRACTIONS to zero, then over the default share to a tenth of
     the peak: all branches of one flat run."""
     end = bench.longest(size)
-    return [Branch(end, round(f * end)) for f in DECAY_FRACTIONS] + [Branch(end, round(DECAY_FRACTION * end), 0.1)]
+    return [Branch.decayed(end, f) for f in DECAY_FRACTIONS] + [Branch.decayed(end, DECAY_FRACTION, 0.1)]
 
 
 def decay_study(bench: Bench, size: str, tuned: Tuned):
@@ -747,6 +751,9 @@ def bench_recipe(args: argparse.Namespace):
     then every seed at the chosen rates; the loss each reaches at several budgets, the tokens Muon saves, the decay's
     share; tables, and plots."""
     scale = GPU_SCALE._replace(device=args.device) if args.recipe_gpu else CPU_SCALE
+    if args.recipe_gpu and not os.path.isdir(args.recipe_data):
+        raise InputError(f"--recipe-data {args.recipe_data} does not exist: prepare GPT-2 token shards first, e.g. "
+                         "python prepare_data.py --dataset fineweb-edu --max-tokens 5e9 --out-dir data/fineweb-edu")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.recipe_data if args.recipe_gpu else tmp
         what = recipe_shards(tmp, scale.vocab) if not args.recipe_gpu else f"the shards in {data_dir}"
@@ -767,7 +774,7 @@ def bench_recipe(args: argparse.Namespace):
         print_size(bench, size, tuned[size])
     print_speedups(bench, tuned)
     plot_recipe(bench, tuned, args.recipe_png)
-    print(f"\n{len(bench.results)} runs in {(time.perf_counter() - bench.started) / 60:.0f} minutes; plots: "
+    print(f"\n{bench.runs} runs in {(time.perf_counter() - bench.started) / 60:.0f} minutes; plots: "
           f"{args.recipe_png}")
 
 
@@ -827,7 +834,8 @@ def print_speedups(bench: Bench, tuned: dict[str, Tuned]):
           "| --- | ---: | ---: | ---: |")  # fmt: skip
     for size, (layers, _, width) in bench.scale.sizes.items():
         ratios = [speedup(bench, size, tuned[size], seed) for seed in RECIPE_SEEDS]
-        bound = BUDGETS[-1] / BUDGETS[0]  # past the budgets' range: a bound, not a measurement
+        ends = [b.end for b in bench.budgets(size, DECAY_FRACTION)]
+        bound = ends[-1] / ends[0]  # past the budgets' range: a bound, not a measurement
         shown = " / ".join(("≥" if r >= bound else "≤" if r <= 1 / bound else "") + f"{r:.2f}" for r in ratios)
         mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
         print(f"| {size} | {block_parameters(layers, width):,} | {shown} | {mean:.2f} ± {sd:.2f}× |")
@@ -842,12 +850,14 @@ def sizes_parameters(bench: Bench) -> list[int]:
     return [block_parameters(layers, width) for layers, _, width in bench.scale.sizes.values()]
 
 
+def mean_speedups(bench: Bench, tuned: dict[str, Tuned]) -> list[float]:
+    return [statistics.mean(speedup(bench, size, tuned[size], s) for s in RECIPE_SEEDS) for size in bench.scale.sizes]
+
+
 def extrapolation(bench: Bench, tuned: dict[str, Tuned]) -> tuple[float, float]:
     """The least-squares line of mean speedup against log2 block parameters: its slope per doubling, and its value
     at GPT-2 124M's block parameters."""
-    x = np.log2(sizes_parameters(bench))
-    y = [statistics.mean(speedup(bench, size, tuned[size], s) for s in RECIPE_SEEDS) for size in bench.scale.sizes]
-    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = np.polyfit(np.log2(sizes_parameters(bench)), mean_speedups(bench, tuned), 1)
     return float(slope), float(intercept + slope * math.log2(GPT2_BLOCK_PARAMETERS))
 
 
@@ -875,17 +885,16 @@ def plot_recipe(bench: Bench, tuned: dict[str, Tuned], path: str):
     rates.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss, seed 0, longest budget",
               title="the brackets")  # fmt: skip
     params = sizes_parameters(bench)
-    means = [statistics.mean(speedup(bench, size, tuned[size], s) for s in RECIPE_SEEDS) for size in bench.scale.sizes]
-    gains.plot(params, means, "o", color="C0", label="this bench (mean of seeds)")
+    gains.plot(params, mean_speedups(bench, tuned), "o", color="C0", label="this bench (mean of seeds)")
     slope, at_gpt2 = extrapolation(bench, tuned)
     x = np.geomspace(min(params), GPT2_BLOCK_PARAMETERS, 50)
     gains.plot(x, at_gpt2 + slope * np.log2(x / GPT2_BLOCK_PARAMETERS), ":", color="C0",
                label="extrapolation (a straight line in log parameters)")  # fmt: skip
     gains.axhspan(1.3, 1.5, color="C2", alpha=0.2, label="speedrun records at 124M: 1.3-1.5x")
-    gains.plot([1e8, 1.2e9], [1.4, 1.1], "s", color="C3", label="Wen et al. 2025: 0.1B, 1.2B")
+    gains.plot([1e8, 1.2e9], [1.4, 1.1], "s", color="C3", label="Wen et al. 2025: 0.1B, 1.2B (all parameters)")
     gains.set(xscale="log", xlabel="parameters (blocks)", ylabel="speedup in tokens", title="Muon's speedup")
+    rates.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the rates span two decades: label those
     for ax in (curves, rates, gains):
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log axes: label the decades only
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.tight_layout()
@@ -1111,8 +1120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipe-png", default="runs/bench-recipe.png", help="recipe benchmark: where the plots go")
     parser.add_argument("--recipe-gpu", action="store_true",
                         help="recipe benchmark at GPT-2's vocabulary and widths on --device cuda (README: its cost)")
-    parser.add_argument("--recipe-data", default="data/fineweb10B",
-                        help="--recipe-gpu: prepare_data.py's shards (20 tokens a parameter: 1.7B for 12 x 768)")
+    parser.add_argument("--recipe-data", default="data/fineweb-edu",
+                        help="--recipe-gpu: prepare_data.py's shards (20 tokens a block parameter: 1.7B for 12 x 768)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:

@@ -52,7 +52,7 @@ from gpt2lite.cli import ArgumentParser, InputError, check_sampling_args, first_
 from gpt2lite.cpu_decode import few_row_matmuls
 from gpt2lite.devices import PRECISIONS, compile_error, peak_flops
 from gpt2lite.gpt2_files import GPT2_VOCAB_SIZE, copy_hf_weights, get_tokenizer, load_hf_model, save_hf_folder
-from gpt2lite.optimizers import MUON_LR, JointOptimizer, set_muon_momentum, share_across_processes
+from gpt2lite.optimizers import MUON_LR, MUON_WEIGHT_DECAY, JointOptimizer, set_muon_momentum, share_across_processes
 from gpt2lite.run import MODEL_FLAGS, Processes, Run, check_inputs, describe_run, make_run_dir, micro_batch, resume
 from gpt2lite.shards import checked_tokens, find_shards, load_tokens
 
@@ -739,9 +739,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--max-lr", type=float, help="AdamW's peak lr (default 6e-4, the seed's; beside Muon 1.3e-3: README)")
     add("--weight-decay", type=float, help="AdamW's on matrices, embeddings (default 0.1, GPT-3's; beside Muon 0)")
     add("--muon-lr", type=float, default=MUON_LR, help="Muon's peak lr: the speedrun records' 0.02 / sqrt 8 (README)")
-    add("--muon-weight-decay", type=float, default=0.0, help="Muon's, lr x this a step (the records: 0)")
+    add("--muon-weight-decay", type=float, default=MUON_WEIGHT_DECAY, help="Muon's, lr x this a step (the records')")
     add("--muon-momentum-warmup", type=int, help="steps of Muon's momentum 0.85 -> 0.95 (default: 262M tokens' worth)")
-    add("--min-lr", type=float, help="final lr, AdamW's; Muon's in proportion (default: cosine 6e-5, wsd 0)")
+    add("--min-lr", type=float, help="final lr, AdamW's; Muon's in proportion (default: cosine --max-lr/10, wsd 0)")
     add("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine, or flat then linear")
     add("--decay-fraction", type=float, default=0.2, help="wsd: share of --max-steps spent decaying to --min-lr")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")

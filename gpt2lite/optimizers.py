@@ -21,7 +21,8 @@ def muon_available() -> bool:
 # --optimizer muon's defaults come from the speedrun's records with a tied embedding and head (KellerJordan/
 # modded-nanogpt, October 2024; README, Recipe): Muon at 0.02 (the optimizer comparison of 2024-10-29) and AdamW at
 # 3.6e-3 for the embedding and head, neither with weight decay, at 524,288 tokens a step. Our step is 8x smaller, and
-# an adaptive optimizer's rate goes as the square root of the batch (Malladi et al. 2022): both divided by sqrt(8).
+# Adam's rate goes as the square root of the batch (Malladi et al. 2022): both divided by sqrt(8). For Muon, whose
+# update is normalised as Adam's is, the same rule is an assumption.
 RECORD_STEP_TOKENS = 524_288
 MUON_LR = 0.007  # 0.02 / sqrt(8)
 MUON_EMBED_LR = 1.3e-3  # 3.6e-3 / sqrt(8): AdamW's rate, under Muon, for the embedding, head and vectors
@@ -49,10 +50,9 @@ def muon_momentum(step: int, warmup_steps: int) -> float:
 
 
 def set_muon_momentum(optimizer, step: int, warmup_steps: int):
-    """Set the momentum of the optimizer's Muon groups (the groups with Newton-Schulz coefficients) for this step;
-    an AdamW-only optimizer has none, and is left alone."""
-    for group in optimizer.param_groups:
-        if "ns_coefficients" in group:
+    """Set the momentum of the optimizer's Muon for this step; an AdamW-only optimizer has none, and is left alone."""
+    for member in filter(is_muon, members(optimizer)):
+        for group in member.param_groups:
             group["momentum"] = muon_momentum(step, warmup_steps)
 
 

@@ -227,8 +227,8 @@ def resolve_recipe(args: argparse.Namespace):
 
     AdamW alone keeps the seed's recipe (GPT-3's: 6e-4, decay 0.1). Beside Muon, AdamW trains the embedding, head
     and vectors at the speedrun's rate, without decay (optimizers.py, MUON_EMBED_LR). The cosine ends at a tenth of
-    the peak, as the seed's; WSD decays to zero, which beats ending at a tenth (Bergsma et al. 2025), and bench.py
-    recipe measures it."""
+    the peak, as the seed's 6e-5 of 6e-4; WSD decays to zero, as the speedrun's records do (README, Recipe: what
+    bench.py recipe measured of it)."""
     muon = args.optimizer == "muon"
     if args.max_lr is None:
         args.max_lr = MUON_EMBED_LR if muon else 6e-4
@@ -239,7 +239,8 @@ def resolve_recipe(args: argparse.Namespace):
     if args.warmup_steps is None:
         args.warmup_steps = min(2000, args.max_steps // 20)
     if args.muon_momentum_warmup is None:
-        args.muon_momentum_warmup = momentum_warmup_steps(args.total_batch_size, args.max_steps)
+        # a --total-batch-size below 1 has its own line, and must not divide by zero first
+        args.muon_momentum_warmup = momentum_warmup_steps(max(1, args.total_batch_size), args.max_steps)
 
 
 def accumulation_steps(args: argparse.Namespace, batch_size: int, world_size: int) -> int:
@@ -439,11 +440,12 @@ def describe_run(run: Run):
     final = f"{args.min_lr / args.max_lr:.0%} of the peak" if args.min_lr else "zero"
     run.say(f"lr: warmup {args.warmup_steps} steps, then {args.schedule} down to {final} at step {args.max_steps}")
     if muon:
+        warmup = args.muon_momentum_warmup
+        momentum = f"0.85 -> 0.95 over {warmup} steps" if warmup else "0.95"
         matrices = [p for group in muon[0].param_groups for p in group["params"]]
         shared = f", shared out among {run.world_size} processes" if run.world_size > 1 else ""  # ShardedMuon
         run.say(f"Muon: the blocks' {len(matrices)} matrices ({count(matrices)} parameters{shared}), peak lr "
-                f"{args.muon_lr:g}, weight decay {args.muon_weight_decay:g}, momentum 0.85 -> 0.95 over "
-                f"{args.muon_momentum_warmup} steps")  # fmt: skip
+                f"{args.muon_lr:g}, weight decay {args.muon_weight_decay:g}, momentum {momentum}")  # fmt: skip
     takes = "the embedding (the head's too) and the vectors" if muon else "every parameter"
     run.say(f"AdamW: {takes}, peak lr {args.max_lr:g}, weight decay {args.weight_decay:g} on {len(decayed)} tensors "
             f"({count(decayed)} parameters), none on {len(not_decayed)} ({count(not_decayed)})")  # fmt: skip
