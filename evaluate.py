@@ -10,7 +10,8 @@ train_gpt2.py checkpoint (anything sample.py takes), all with the same code, so 
 
 The protocols (each a completion scored after its context; see completion_losses in gpt2lite/evaluation.py):
   hellaswag  the validation set (10,042 examples): the context, then each of four endings after a space. acc picks
-             the ending of lowest total loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2955).
+             the ending of lowest total loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2955,
+             build-nanogpt's hellaswag.py on OpenAI's gpt2).
   lambada    OpenAI's test jsonl (5,153 passages). The last word is the text after the last space; its tokens
              (" word") are scored after the rest. acc: greedy decoding gives every one of them; perplexity:
              exp(mean over passages of the word's total loss). The GPT-2 paper gives 45.99% and 35.13 for 124M.

@@ -175,7 +175,7 @@ def plot_hellaswag(runs: list[Run]) -> Figure:
     for run, color in zip(runs, colors()):
         ax.plot(run.hellaswag_steps, run.hellaswag_acc_norm, color=color, marker="o", markersize=4, label=run.name)
     ax.axhline(0.25, color="grey", linewidth=0.8, linestyle=":", label="chance (1 in 4)")
-    ax.axhline(0.2955, color="black", linewidth=0.8, linestyle="--", label="GPT-2 124M (OpenAI's weights)")
+    ax.axhline(0.2955, color="black", linewidth=0.8, linestyle="--", label="GPT-2 124M, OpenAI's weights (0.2955)")
     ax.set(title="HellaSwag", xlabel="step (optimizer updates)", ylabel="acc_norm (fraction right)")
     ax.legend(loc="best")
     return finish(fig, ax)

@@ -163,7 +163,7 @@ def hellaswag_scores(
     """Accuracy on HellaSwag: the context, then each of the four endings (with a space before it) is scored.
 
     acc picks the ending of lowest total loss; acc_norm the lowest loss per token, which does not favour short
-    endings (the figure usually quoted: 0.2955 for GPT-2 124M with this scoring). Under DDP each process scores
+    endings (0.2955 for GPT-2 124M: build-nanogpt's hellaswag.py on OpenAI's gpt2). Under DDP each process scores
     every world_size-th example and the counts are summed, so every process returns the whole set's scores.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
