@@ -388,10 +388,12 @@ def eval_tasks() -> tuple[dict[str, list[tuple[list[int], list[int]]]], str]:
     if shared.is_dir():
         lines = [line for line in (shared / "tinyshakespeare" / "input.txt").read_text().splitlines() if line.strip()]
         passages = [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").open()][:400]
-        wiki_text, made_of = (shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000], "real text"
+        wiki_text = (shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000]
+        made_of = "real text: Tiny Shakespeare lines, LAMBADA's passages, WikiText-2 valid"
     else:  # a clone from GitHub: generated text of the same shapes
         lines, passages = generated_texts(1500, 4, 16, seed=1), generated_texts(400, 60, 100, seed=2)
-        wiki_text, made_of = " ".join(generated_texts(400, 50, 150, seed=3))[:200_000], "generated text"
+        wiki_text = " ".join(generated_texts(400, 50, 150, seed=3))[:200_000]
+        made_of = "GENERATED text, not real text (no real text beside the clone), in the shapes of the real tasks"
     hellaswag = []
     for i in range(0, 5 * 300, 5):  # 300 examples of 4 endings
         context = enc.encode_ordinary(lines[i] + " " + lines[i + 1])
@@ -400,8 +402,8 @@ def eval_tasks() -> tuple[dict[str, list[tuple[list[int], list[int]]]], str]:
     wiki = [EOT_TOKEN] + enc.encode_ordinary(wiki_text)
     wikitext = sliding_windows(wiki, 256, 128)
     return {"hellaswag": hellaswag, "lambada": lambada, "wikitext": wikitext}, (
-        f"{made_of}: HellaSwag-shaped, 300 examples x 4 endings of Tiny Shakespeare lines; LAMBADA, 400 passages; "
-        f"WikiText-2 valid, {len(wiki) - 1:,} tokens in {len(wikitext)} windows")
+        f"{made_of}: HellaSwag-shaped, 300 examples x 4 endings; LAMBADA-shaped, 400 passages; "
+        f"WikiText-shaped, {len(wiki) - 1:,} tokens in {len(wikitext)} windows")
 
 
 def bench_eval(args: argparse.Namespace):

@@ -192,7 +192,8 @@ def test_the_eval_benchmark_runs_on_generated_text_in_a_clone_without_real_text(
     monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
     tasks, described = bench.eval_tasks()
     assert len(tasks["hellaswag"]) == 300 * 4 and len(tasks["lambada"]) == 400 and len(tasks["wikitext"]) > 100
-    assert described.startswith("generated text: ")
+    assert described.startswith("GENERATED text, not real text (no real text beside the clone)")
+    assert "Tiny Shakespeare" not in described, "it names no real text it did not read"
     assert all(context and completion for pairs in tasks.values() for context, completion in pairs)
 
 
