@@ -9,7 +9,7 @@ learning curves that the token-efficient recipe is judged by.
   python bench.py eval                  # evaluate.py's scoring, batched, against transformers one example at a time
   python bench.py gpu                   # 124M training steps on a CUDA GPU: eager/compiled, fused/math attention,
                                         # Muon, and the micro batch --batch-size auto picks
-  python bench.py recipe                # AdamW against Muon, rates bracketed, at several budgets (an hour, 2 cores)
+  python bench.py recipe                # AdamW against Muon, rates bracketed, several budgets (37 min on 2 cores)
   python bench.py generate --repeats 9 --device cuda
 
 How: each contender runs once to warm up (this machine hands freed memory back to its host, so memory touched
@@ -1107,7 +1107,7 @@ def peak_memory_of(mode: Mode, device: str) -> int:
 
 BENCHMARKS = {"generate": bench_generate, "data": bench_data, "train": bench_train, "eval": bench_eval,
               "gpu": bench_gpu, "recipe": bench_recipe}
-SPEED = ["generate", "data", "train", "eval", "gpu"]  # what `python bench.py` runs: recipe takes an hour
+SPEED = ["generate", "data", "train", "eval", "gpu"]  # what `python bench.py` runs: recipe takes 37 minutes on 2 cores
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
