@@ -736,7 +736,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
     add("--max-steps", type=int, default=40000, help="optimizer steps")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of --max-steps, at most 2,000)")
     add("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' matrices")
-    add("--max-lr", type=float, help="AdamW's peak lr (default 6e-4, the seed's; beside Muon 1.3e-3: README)")
+    add("--max-lr", type=float, help="AdamW's peak lr (default 6e-4, GPT-3's; beside Muon 1.3e-3: docs/recipe.md)")
     add("--weight-decay", type=float, help="AdamW's on matrices, embeddings (default 0.1, GPT-3's; beside Muon 0)")
     add("--muon-lr", type=float, default=MUON_LR, help="Muon's peak lr: the speedrun records' 0.02 / sqrt 8 (README)")
     add("--muon-weight-decay", type=float, default=MUON_WEIGHT_DECAY, help="Muon's, lr x this a step (the records')")

@@ -8,6 +8,7 @@ the largest micro batch that fits. Nothing here writes a file.
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -23,13 +24,15 @@ from gpt2lite.checkpoints import checkpoint_size, step_checkpoints
 from gpt2lite.cli import InputError, duration
 from gpt2lite.devices import PRECISIONS, is_out_of_memory
 from gpt2lite.optimizers import unallocated_state_bytes
-from gpt2lite.run import accumulation_steps, eval_batch, make_loader
+from gpt2lite.run import EVAL_ROWS, accumulation_steps, eval_batch, make_loader
 
 # Hoffmann et al. 2022 ("Chinchilla"): about 20 training tokens per parameter is compute-optimal
 COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER = 20
-# the seed's 124M run overfit WikiText-103 after about 9,000 steps of 65,536 tokens: some five passes
+# the original reproduction's 124M run (docs/ladder.md) overfit WikiText-103 after about 9,000 steps of 65,536
+# tokens: some five passes
 MAX_PASSES = 4
 MEMORY_WARNING_SHARE = 0.9
+LONG_STEP_SECONDS = 10  # a step or a validation longer than this is timed in parts and multiplied
 COLAB_SESSION_HOURS = 12  # a free Colab session's limit at most; most end sooner, when idle or busy
 
 
@@ -116,7 +119,7 @@ def make_plan(f: Facts) -> dict:
 
 def checkpoint_seconds(f: Facts) -> float | None:
     """Time between two checkpoints, evaluations included; None when the run writes one only at its end."""
-    if not f.ckpt_interval:
+    if not f.ckpt_interval or f.ckpt_interval >= f.max_steps - f.start_step:
         return None
     return f.ckpt_interval * f.seconds_per_step + f.ckpt_interval / f.eval_interval * f.eval_seconds
 
@@ -126,8 +129,8 @@ def warnings(f: Facts, epochs: float, seconds: float) -> list[str]:
     found = []
     if epochs > MAX_PASSES:
         found.append(
-            f"the run reads its training split {epochs:.1f} times; the seed's 124M run overfit WikiText-103 after "
-            "about five passes: prepare more data (prepare_data.py --dataset fineweb-edu), lower --max-steps, or "
+            f"the run reads its training split {epochs:.1f} times; the original reproduction's 124M run overfit "
+            "WikiText-103 after about five passes: prepare more data (prepare_data.py --dataset fineweb-edu), lower --max-steps, or "
             f"let --patience stop the run when validation stops improving (now {f.patience or 'off'})"
         )
     if f.device_memory_bytes and f.peak_memory_bytes > MEMORY_WARNING_SHARE * f.device_memory_bytes:
@@ -388,36 +391,107 @@ def fit_micro_batch(run):
 # --- measuring the run: the chapter's own step, timed ----------------------------------------------------------
 
 
+def slowest(run, seconds: float) -> float:
+    """The slowest process's seconds: every process takes the same branch, since they all-reduce together."""
+    if run.world_size == 1:
+        return seconds
+    seconds = torch.tensor(seconds, device=run.device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return seconds.item()
+
+
+def synchronize(device: str):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one_micro_batch_step(run, step_seconds: Callable[[], float]) -> tuple[float, float]:
+    """An optimizer step of a single micro batch: its seconds, and those of the optimizer's own step within it (0
+    where fp16 skipped it), timed by wrapping the optimizer's step for this one call."""
+    optimizer_seconds = [0.0]
+
+    def timed_step(*args, **kwargs):
+        synchronize(run.device)
+        t0 = time.perf_counter()
+        result = optimizer_step(*args, **kwargs)
+        synchronize(run.device)
+        optimizer_seconds[0] = time.perf_counter() - t0
+        return result
+
+    optimizer_step, run.optimizer.step = run.optimizer.step, timed_step
+    accumulation, run.grad_accum_steps = run.grad_accum_steps, 1
+    try:
+        seconds = step_seconds()
+    finally:
+        run.grad_accum_steps = accumulation
+        del run.optimizer.step  # the optimizer's own method again
+    return slowest(run, seconds), slowest(run, optimizer_seconds[0])
+
+
 def time_steps(run, step_seconds: Callable[[], float]) -> tuple[float, int]:
-    """Seconds per optimizer step, the median of real steps after a warm-up (compiling, and until AdamW holds its
-    state: fp16 may skip the first steps), and the peak memory: what CUDA's allocator reserved, or on a CPU the
-    resident peak of this process times the processes sharing the machine. Three steps, or one where a step takes
-    long; every process takes as many (they all-reduce together)."""
+    """Seconds per optimizer step, and the peak memory: what CUDA's allocator reserved, or on a CPU the resident
+    peak of this process times the processes sharing the machine.
+
+    The warm-up is steps of one micro batch, until the optimizer holds its state (fp16 may skip the first steps).
+    A short step is then timed whole, three times. A long one (a 124M step on a laptop takes minutes) is not run
+    whole: a step is its micro batches, then the clipping and the optimizer's step, so the plan multiplies a micro
+    batch (with the clipping: a little over) by the accumulation and adds the optimizer's step. Each stage says
+    what it times, so a long plan shows its progress."""
     cuda = torch.device(run.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    warmup = torch.tensor(step_seconds(), device=run.device)
+    accumulation = run.grad_accum_steps
+    run.say(f"timing: a warm-up step of one micro batch ({run.micro_batch} x {run.args.seq_len} tokens)")
+    first = one_micro_batch_step(run, step_seconds)
     for _ in range(4):  # an fp16 step skipped for overflow is skipped on every process alike
         if run.optimizer.state:
             break
+        first = one_micro_batch_step(run, step_seconds)
+    if first[0] * accumulation < LONG_STEP_SECONDS:
+        run.say(f"timing: 3 whole steps of {accumulation} micro batch(es), after a warm-up step")
         step_seconds()
-    if run.world_size > 1:
-        dist.all_reduce(warmup, op=dist.ReduceOp.MAX)
-    steps = 3 if warmup.item() < 20 else 1
-    seconds = statistics.median(step_seconds() for _ in range(steps))
+        seconds = statistics.median(step_seconds() for _ in range(3))
+    else:  # a second and third look where a micro batch is quick, for the median
+        looks = [first] + [one_micro_batch_step(run, step_seconds) for _ in range(2 if first[0] < 2 else 0)]
+        micro_batch = statistics.median(total - optimizer for total, optimizer in looks)
+        optimizer = statistics.median(optimizer for _, optimizer in looks)
+        seconds = accumulation * micro_batch + optimizer
+        run.say(
+            f"timing: a micro batch took {micro_batch:.1f} s and the optimizer's step {optimizer:.1f} s; a step is "
+            f"{accumulation} micro batches and one optimizer step: about {duration(seconds)}, not run whole"
+        )
     if cuda:
         return seconds, torch.cuda.max_memory_reserved(run.device)
     return seconds, resident_peak_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def time_validation(run, validate: Callable[[], object]) -> float:
+    """Seconds of one validation: its first batch timed, then the whole of it where that is short, or the first
+    batch times the number of batches where it is long."""
+    args, loader = run.args, run.val_loader
+    batches = math.ceil(min(run.val_windows, sum(loader.windows_per_shard)) / loader.rows)
+    eval_steps, args.eval_steps = args.eval_steps, math.ceil(loader.rows / EVAL_ROWS)  # windows for one batch
+    run.say(f"timing: validation's first batch of {batches}")
+    try:
+        t0 = time.perf_counter()
+        validate()
+        first = slowest(run, time.perf_counter() - t0)
+    finally:
+        args.eval_steps = eval_steps
+    if first * batches < LONG_STEP_SECONDS:
+        t0 = time.perf_counter()
+        validate()
+        return time.perf_counter() - t0
+    return first * batches
+
+
 def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], object]):
-    """Time the run's steps (step_seconds takes one optimizer step, and returns its seconds) and one validation,
-    then print the plan, in words and as one line of JSON for the notebook and scripts to read."""
+    """Time the run's steps (step_seconds takes one optimizer step of run.grad_accum_steps micro batches, and returns
+    its seconds) and one validation, then print the plan, in words and as one line of JSON for the notebook and
+    scripts to read."""
     args, config = run.args, run.raw_model.config
     seconds_per_step, peak_memory = time_steps(run, step_seconds)
-    t0 = time.perf_counter()
-    validate()
-    eval_seconds = time.perf_counter() - t0
+    eval_seconds = time_validation(run, validate)
     if torch.device(run.device).type == "cuda":
         device = torch.cuda.get_device_name(run.device)
         memory = torch.cuda.get_device_properties(run.device).total_memory

@@ -86,6 +86,30 @@ def test_the_measured_step_is_of_the_order_of_the_steps_a_run_logs(data, tmp_pat
     assert logged / 3 < result["ms_per_step"] < logged * 3, (result["ms_per_step"], logged)
 
 
+def test_a_plan_whose_steps_are_long_times_one_micro_batch_not_whole_steps_and_says_so(data, tmp_path, capsys,
+                                                                                      monkeypatch):  # fmt: skip
+    """A 124M step on a laptop takes minutes: the plan runs single micro batches, times the optimizer's step inside
+    one, and multiplies; validation, its first batch. Here every step counts as long, on a tiny model."""
+    settings = [*SETTINGS, "--total-batch-size", "1024", "--eval-steps", "2"]  # 8 micro batches of 4 x 32 a step
+    whole, _ = plan(capsys, *settings, "--data-dir", str(data), "--run-dir", str(tmp_path / "a"))
+    monkeypatch.setattr(planning, "LONG_STEP_SECONDS", 0)
+    micro_batches, validations = [], []
+    accumulate, estimate = train_gpt2.accumulate_gradients, train_gpt2.estimate_loss
+    monkeypatch.setattr(train_gpt2, "accumulate_gradients", lambda *a: micro_batches.append(a[2]) or accumulate(*a))
+    monkeypatch.setattr(train_gpt2, "estimate_loss", lambda *a: validations.append(a[2]) or estimate(*a))
+    parts, out = plan(capsys, *settings, "--data-dir", str(data), "--run-dir", str(tmp_path / "b"))
+    assert whole["grad_accum_steps"] == parts["grad_accum_steps"] == 8
+    assert micro_batches == [1, 1, 1], "a warm-up and two more looks, one micro batch each: no step run whole"
+    assert validations == [4], "validation's first batch of 4 windows, not both its batches"
+    progress = [line for line in out.splitlines() if line.startswith("timing: ")]
+    assert progress[0] == "timing: a warm-up step of one micro batch (4 x 32 tokens)"
+    assert "a step is 8 micro batches and one optimizer step" in progress[1] and "not run whole" in progress[1]
+    assert progress[2] == "timing: validation's first batch of 2"
+    assert out.index("timing: ") < out.index("\nmodel: 3,323,648 parameters (")  # while it measures, before the plan
+    # the same run, measured both ways: within a factor of three (not a timing assertion)
+    assert whole["ms_per_step"] / 3 < parts["ms_per_step"] < whole["ms_per_step"] * 3
+
+
 def test_a_ddp_run_is_planned_under_torchrun(data, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt2.py"]
     result = subprocess.run([*torchrun, *SETTINGS, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"),
