@@ -4,7 +4,7 @@ train_gpt2.py checkpoint (anything sample.py takes), all with the same code, so 
 
   python evaluate.py --init-from gpt2 --task hellaswag              # downloads hellaswag_val.jsonl once
   python evaluate.py --init-from runs/gpt2-124m/best.pt --task all --out results.json
-  python evaluate.py --init-from gpt2 --task lambada --data ../shared/data/lambada/lambada_test.jsonl
+  python evaluate.py --init-from gpt2 --task lambada --data lambada_test.jsonl      # a local copy
   python evaluate.py --init-from gpt2 --task wikitext --data wiki.test.raw --stride 512
   python evaluate.py --init-from gpt2 --task hellaswag --limit 500  # a quick look at the first 500 examples
 

@@ -28,6 +28,7 @@ from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from gpt2lite.checkpoints import LOG_NAME, numeric, read_log  # noqa: E402
 from gpt2lite.cli import ArgumentParser, InputError, run_cli  # noqa: E402
+from gpt2lite.evaluation import OPENAI_124M_HELLASWAG  # noqa: E402
 from gpt2lite.files import write_atomically  # noqa: E402
 
 UNIFORM_LOSS = math.log(50257)  # 10.82: the loss of a model that gives every GPT-2 token the same probability
@@ -175,7 +176,8 @@ def plot_hellaswag(runs: list[Run]) -> Figure:
     for run, color in zip(runs, colors()):
         ax.plot(run.hellaswag_steps, run.hellaswag_acc_norm, color=color, marker="o", markersize=4, label=run.name)
     ax.axhline(0.25, color="grey", linewidth=0.8, linestyle=":", label="chance (1 in 4)")
-    ax.axhline(0.2955, color="black", linewidth=0.8, linestyle="--", label="GPT-2 124M, OpenAI's weights (0.2955)")
+    openai = OPENAI_124M_HELLASWAG
+    ax.axhline(openai, color="black", linewidth=0.8, linestyle="--", label=f"GPT-2 124M, OpenAI's weights ({openai})")
     ax.set(title="HellaSwag", xlabel="step (optimizer updates)", ylabel="acc_norm (fraction right)")
     ax.legend(loc="best")
     return finish(fig, ax)

@@ -130,7 +130,8 @@ def warnings(f: Facts, epochs: float, seconds: float) -> list[str]:
     if epochs > MAX_PASSES:
         found.append(
             f"the run reads its training split {epochs:.1f} times; the original reproduction's 124M run overfit "
-            "WikiText-103 after about five passes: prepare more data (prepare_data.py --dataset fineweb-edu), lower --max-steps, or "
+            "WikiText-103 after about five passes: prepare more data (prepare_data.py --dataset fineweb-edu), lower "
+            "--max-steps, or "
             f"let --patience stop the run when validation stops improving (now {f.patience or 'off'})"
         )
     if f.device_memory_bytes and f.peak_memory_bytes > MEMORY_WARNING_SHARE * f.device_memory_bytes:
