@@ -60,22 +60,22 @@ def test_scripts_import_the_package_and_at_most_the_chapter(script):
 RULER = "# " + "-" * 112
 
 
-def chapter_sections() -> list[int]:
-    """Lines of each part of train_gpt2.py between its rulers: the preamble, then the seven sections."""
+def chapter_sections() -> list[tuple[int, int]]:
+    """First and last line of each part of train_gpt2.py between its rulers: the preamble, then the seven sections."""
     lines = (REPO / "train_gpt2.py").read_text().splitlines()
     rulers = [i for i, line in enumerate(lines) if line == RULER]
     bounds = [0, *rulers, len(lines)]
-    return [end - start for start, end in zip(bounds, bounds[1:])]
+    return [(start + 1, end) for start, end in zip(bounds, bounds[1:])]
 
 
 def test_the_readme_states_the_chapters_sizes_as_they_are():
     readme = (REPO / "README.md").read_text()
     chapter = (REPO / "train_gpt2.py").read_text()
     tree = ast.parse(chapter)
-    section = readme[readme.index("## What is in `train_gpt2.py`") :]
+    section = readme[readme.index("## Reading `train_gpt2.py`") :]
     section = section[: section.index("\n## ", 1)]
-    stated = [int(n) for n in re.findall(r"^\d\. \*\*[^*]+\*\* \((\d+) lines\)", section, re.M)]
-    assert stated == chapter_sections(), "README, What is in train_gpt2.py: the sections' lengths"
+    stated = [(int(a), int(b)) for a, b in re.findall(r"^\| (\d+)–(\d+) \|", section, re.M)]
+    assert stated == chapter_sections(), "README, Reading train_gpt2.py: the sections' lines"
     assert f"It is {len(chapter.splitlines())} lines" in section
     functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
     longest = max(node.end_lineno - node.lineno + 1 + len(node.decorator_list) for node in functions)
@@ -85,3 +85,14 @@ def test_the_readme_states_the_chapters_sizes_as_they_are():
     loop = next(node for node in ast.walk(train) if isinstance(node, ast.For))
     assert f"`class GPT` starts at line {gpt.lineno} and the training loop at line {loop.lineno}" in section
     assert len(chapter.splitlines()) <= 950, "the chapter's budget"
+
+
+def test_docs_code_states_each_sections_length_as_it_is():
+    code = (REPO / "docs" / "code.md").read_text()
+    stated = [int(n) for n in re.findall(r"^### \d\. [^(\n]+\((\d+) lines\)", code, re.M)]
+    assert stated == [end - start + 1 for start, end in chapter_sections()], "docs/code.md: the sections' lengths"
+    chapter = (REPO / "train_gpt2.py").read_text()
+    functions = [node for node in ast.walk(ast.parse(chapter)) if isinstance(node, ast.FunctionDef)]
+    longest = max(node.end_lineno - node.lineno + 1 + len(node.decorator_list) for node in functions)
+    words = " ".join(code.split())
+    assert f"It is {len(chapter.splitlines())} lines" in words and f"longer than {longest} lines" in words
