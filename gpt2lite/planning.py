@@ -87,10 +87,18 @@ def evaluations(start_step: int, max_steps: int, interval: int) -> int:
     return due + (max_steps % interval != 0)
 
 
+def checkpoints_written(f: Facts) -> int:
+    """The checkpoints the loop writes from start_step on: every ckpt_interval steps after it, and at the end."""
+    if not f.ckpt_interval:
+        return 1
+    return f.max_steps // f.ckpt_interval - f.start_step // f.ckpt_interval + (f.max_steps % f.ckpt_interval != 0)
+
+
 def checkpoint_files(f: Facts) -> int:
-    """The most checkpoint files on disk at once: --keep-last, the next one written before the oldest goes, and
-    best.pt; a run that checkpoints only at its end writes that one and best.pt."""
-    return f.keep_last + 2 if f.ckpt_interval else 2
+    """The most checkpoint files on disk at once: those --keep-last keeps, the next one written before the oldest
+    goes (where there is a next), and best.pt."""
+    written = checkpoints_written(f)
+    return min(written, f.keep_last) + (written > f.keep_last) + 1
 
 
 def make_plan(f: Facts) -> dict:
@@ -173,9 +181,9 @@ def plan_lines(f: Facts, plan: dict) -> list[str]:
         + (f", {duration(plan['seconds_between_checkpoints'])} between checkpoints"
            if plan["seconds_between_checkpoints"] else ", one checkpoint at the end"),
         f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints at the peak ({checkpoint_files(f)} files of "
-        f"{gib(f.checkpoint_bytes_each)}: {f.keep_last} kept, the next being written, best.pt)"
-        if f.ckpt_interval
-        else f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints (the last one and best.pt)",
+        f"{gib(f.checkpoint_bytes_each)}: "
+        + (f"{f.keep_last} kept, the next being written, best.pt)" if checkpoints_written(f) > f.keep_last
+           else f"{checkpoints_written(f)} written, best.pt)"),
     ]  # fmt: skip
     if f.largest_micro_batch:
         accumulation = f.tokens_per_step // (f.largest_micro_batch * f.seq_len * f.world_size)

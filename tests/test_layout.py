@@ -85,6 +85,10 @@ def test_the_readme_states_the_chapters_sizes_as_they_are():
     loop = next(node for node in ast.walk(train) if isinstance(node, ast.For))
     assert f"`class GPT` starts at line {gpt.lineno} and the training loop at line {loop.lineno}" in section
     assert len(chapter.splitlines()) <= 950, "the chapter's budget"
+    defined = {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {f"GPT.{node.name}": node.lineno for node in gpt.body if isinstance(node, ast.FunctionDef)}
+    pointers = re.findall(r"`([\w.]+)` \(line (\d+)\)", " ".join(section.split()))
+    assert len(pointers) >= 6 and all(defined[name] == int(line) for name, line in pointers), pointers
 
 
 def test_docs_code_states_each_sections_length_as_it_is():
