@@ -43,7 +43,7 @@ import train_gpt2
 from gpt2lite import cpu_decode, planning, text_data
 from gpt2lite.cli import ArgumentParser, InputError, first_line, run_cli
 from gpt2lite.devices import is_out_of_memory, peak_flops, pick_device
-from gpt2lite.evaluation import completion_losses, lambada_pairs, sliding_windows
+from gpt2lite.evaluation import LAMBADA_SHA256, LAMBADA_URL, completion_losses, lambada_pairs, sliding_windows
 from gpt2lite.gpt2_files import EOT_TOKEN, get_tokenizer
 from gpt2lite.optimizers import MUON_LR, set_muon_momentum, unallocated_state_bytes
 from gpt2lite.run import resolve_recipe
@@ -203,22 +203,43 @@ def ours_prepare(docs: Callable[[int], Iterator[str]], out_dir: str, shard_size:
     return writer.tokens
 
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # real text beside the project, if any
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the project's copy, where it sits beside
+# the real text the benchmarks read: its name under SHARED_DATA or the cache, and where a clone downloads it
+REAL_TEXT = {
+    "tinyshakespeare/input.txt": (*text_data.TINY_SHAKESPEARE, None),
+    "lambada/lambada_test.jsonl": (LAMBADA_URL, LAMBADA_SHA256, None),
+    "wikitext-2-raw/wiki.valid.raw": (text_data.WIKITEXT2_RAW_ZIP, text_data.WIKITEXT2_VALID[1],
+                                      text_data.WIKITEXT2_VALID[0]),  # a member of the zip
+}  # fmt: skip
 COMMON_WORDS = "the of and to in a is was for on as with by he at from his an were are which".split()
 
 
+def real_text_dir() -> Path | None:
+    """The folder of the benchmarks' real text: the project's copy where it sits beside the clone, else the download
+    cache, filled once and checked against each file's sha256. None where neither can be had (no network): the
+    benchmarks then run on generated text, and say so."""
+    if all((SHARED_DATA / name).is_file() for name in REAL_TEXT):
+        return SHARED_DATA
+    try:
+        for name, (url, sha256, member) in REAL_TEXT.items():
+            text_data.cached_download(url, sha256, name, member)
+    except InputError as e:
+        print(f"no real text for the benchmarks ({e})", file=sys.stderr)
+        return None
+    return Path(text_data.cache_dir())
+
+
 def generated_texts(count: int, low: int, high: int, seed: int) -> list[str]:
-    """`count` texts of low to high common English words: the stand-in for real text where SHARED_DATA is absent
-    (a clone from GitHub)."""
+    """`count` texts of low to high common English words: the stand-in for real text where none can be had."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(COMMON_WORDS, size=rng.integers(low, high))) for _ in range(count)]
 
 
 def benchmark_documents() -> tuple[list[str], str]:
     """Real text in many documents of varied size: WikiText-2 articles, Shakespeare's speeches, LAMBADA passages."""
-    shared = SHARED_DATA
-    if not shared.is_dir():
-        return generated_texts(6000, 20, 2000, seed=0), "6,000 generated documents (no real text beside the clone)"
+    shared = real_text_dir()
+    if shared is None:
+        return generated_texts(6000, 20, 2000, seed=0), "6,000 GENERATED documents, not real text (none to be had)"
     docs = list(text_data.file_documents([str(shared / "wikitext-2-raw" / "wiki.valid.raw")]))
     docs += [s + "\n" for s in (shared / "tinyshakespeare" / "input.txt").read_text().split("\n\n")]
     docs += [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").read_text().splitlines()]
@@ -381,19 +402,19 @@ def training_steps(config: GPTConfig, B: int, T: int, precision: str, compiled: 
 
 
 def eval_tasks() -> tuple[dict[str, list[tuple[list[int], list[int]]]], str]:
-    """(context, completion) pairs per task, from real text where SHARED_DATA has it: HellaSwag-shaped examples
+    """(context, completion) pairs per task, from real text where it can be had: HellaSwag-shaped examples
     (a context, then four endings; HellaSwag itself is not stored here) made of consecutive Tiny Shakespeare
     lines, LAMBADA's first 400 passages, and WikiText-2 validation text cut into windows of 256 with stride 128."""
-    enc, shared = get_tokenizer(), SHARED_DATA
-    if shared.is_dir():
+    enc, shared = get_tokenizer(), real_text_dir()
+    if shared is not None:
         lines = [line for line in (shared / "tinyshakespeare" / "input.txt").read_text().splitlines() if line.strip()]
         passages = [json.loads(line)["text"] for line in (shared / "lambada" / "lambada_test.jsonl").open()][:400]
         wiki_text = (shared / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000]
         made_of = "real text: Tiny Shakespeare lines, LAMBADA's passages, WikiText-2 valid"
-    else:  # a clone from GitHub: generated text of the same shapes
+    else:  # offline, without the project's copy: generated text of the same shapes
         lines, passages = generated_texts(1500, 4, 16, seed=1), generated_texts(400, 60, 100, seed=2)
         wiki_text = " ".join(generated_texts(400, 50, 150, seed=3))[:200_000]
-        made_of = "GENERATED text, not real text (no real text beside the clone), in the shapes of the real tasks"
+        made_of = "GENERATED text, not real text (none to be had), in the shapes of the real tasks"
     hellaswag = []
     for i in range(0, 5 * 300, 5):  # 300 examples of 4 endings
         context = enc.encode_ordinary(lines[i] + " " + lines[i + 1])
@@ -545,16 +566,16 @@ def recipe_shards(folder: str, vocab: int) -> str:
     """The bench's token shards in folder, and what they hold. Each text's first 90% (cut at a line) is training text,
     its last 10% held out. GPT-2's tokens are renumbered by how often the training text uses them, the commonest
     vocab - 1 kept and the rest one shared id."""
-    enc = get_tokenizer()
-    if SHARED_DATA.is_dir():
-        lambada = (SHARED_DATA / "lambada" / "lambada_test.jsonl").read_text().splitlines()
-        texts = [(SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(),
-                 (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text(),
+    enc, shared = get_tokenizer(), real_text_dir()
+    if shared is not None:
+        lambada = (shared / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+        texts = [(shared / "wikitext-2-raw" / "wiki.valid.raw").read_text(),
+                 (shared / "tinyshakespeare" / "input.txt").read_text(),
                  "\n\n".join(json.loads(line)["text"] for line in lambada)]  # fmt: skip
         made_of = "WikiText-2 valid, Tiny Shakespeare and LAMBADA"
-    else:  # a clone from GitHub: generated text
+    else:  # offline, without the project's copy: generated text
         texts = ["\n".join(generated_texts(GENERATED_TEXTS, 20, 200, seed=4))]
-        made_of = "GENERATED text, not real text (no real text beside the clone: these figures say little)"
+        made_of = "GENERATED text, not real text (none to be had: these figures say little)"
     splits = {"train": [], "val": []}
     for text in tqdm(texts, desc="tokenizing", unit="text"):
         cut = text.rfind("\n", 0, int(0.9 * len(text))) + 1

@@ -33,6 +33,7 @@ from gpt2lite.devices import device_and_model
 from gpt2lite.evaluation import (
     HELLASWAG_CACHE,
     HELLASWAG_URL,
+    LAMBADA_URL,
     completion_losses,
     data_file,
     hellaswag_examples,
@@ -47,7 +48,6 @@ from gpt2lite.text_data import hub_documents
 from train_gpt2 import autocast_for, choose_precision, load_model
 
 TASKS = ("hellaswag", "lambada", "wikitext")
-LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
 WIKITEXT_CONFIG = "wikitext-2-raw-v1"  # its test split is WikiText-103's too, and the download is 30x smaller
 
 

@@ -44,6 +44,7 @@ from gpt2lite.shards import (
     shard_damage,
 )
 from gpt2lite.text_data import (
+    TINY_SHAKESPEARE,
     Part,
     ShardWriter,
     cached_download,
@@ -60,11 +61,6 @@ from gpt2lite.text_data import (
 WIKITEXT = {"wikitext-103-raw-v1": "wikitext-103", "wikitext-2-raw-v1": "wikitext-2"}  # config -> short name
 WIKITEXT_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")  # 10B tokens of FineWeb-Edu, the corpus build-nanogpt uses
-# nanoGPT's Shakespeare text (karpathy/char-rnn), checked against the hash of the published file
-TINY_SHAKESPEARE = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-)
 DATASETS = [*WIKITEXT, "fineweb-edu", "tinyshakespeare"]
 STREAM_VAL_DOCS = 10_000  # FineWeb-Edu's documents average about 1,000 tokens: ~10M validation tokens
 PROGRESS_NAME = ".prepare-in-progress.json"  # an unfinished run: its settings, and each split's complete shards

@@ -185,7 +185,7 @@ def rotate_checkpoints(run_dir: str, keep_last: int):
 
 def remove_checkpoint(path: str):
     """Delete a checkpoint that rotation drops. On a mounted Google Drive (Colab) a deleted file goes to Drive's
-    trash and counts against the 15 GB quota for 30 days: twenty rotations of a 1.5 GB checkpoint fill it. Emptied
+    trash and counts against the 15 GB quota for 30 days: ten rotations of a 1.39 GiB checkpoint fill it. Emptied
     first, the file goes to the trash at 0 bytes. Not if another hard link shares its data: that copy is someone's."""
     if os.stat(path).st_nlink == 1:
         os.truncate(path, 0)

@@ -139,6 +139,8 @@ def read_jsonl(path: str, what: str, valid: Callable[[dict], bool], expected: st
 
 # --- HellaSwag: which of four endings fits the context ----------------------------------------------------------
 
+LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"  # OpenAI's, for GPT-2
+LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_CACHE = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")  # where a download is kept
 # OpenAI's GPT-2 124M under this scoring: acc_norm from build-nanogpt's hellaswag.py run on OpenAI's gpt2 (acc 0.2859).

@@ -242,7 +242,7 @@ class RunLock:
 
 def remove_leftovers(run_dir: str, say):
     """Delete the temporary files of writes that a killed process never finished (up to a checkpoint's size each:
-    1.5 GB for GPT-2 124M, which counts against Drive's quota); only under the run's lock, so never a live one."""
+    1.39 GiB for GPT-2 124M, which counts against Drive's quota); only under the run's lock, so never a live one."""
     freed = count = 0
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)

@@ -11,12 +11,14 @@ sees where one ends and the next begins. The shard format is llm.c's (shards.py)
 import collections
 import glob
 import hashlib
+import io
 import itertools
 import json
 import os
 import re
 import sys
 import urllib.request
+import zipfile
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -196,11 +198,23 @@ def dataset_error(name: str, e: Exception) -> str:
     return f"cannot read dataset {name}: {message}"
 
 
-def cached_download(url: str, sha256: str, name: str) -> str:
+# real text that scripts download once into the cache, each checked against the sha256 of the published file
+TINY_SHAKESPEARE = (  # nanoGPT's Shakespeare text (karpathy/char-rnn)
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+)
+WIKITEXT2_RAW_ZIP = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip"  # the official
+WIKITEXT2_VALID = ("wikitext-2-raw/wiki.valid.raw", "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7")
+
+
+def cache_dir() -> str:
+    return os.environ.get("GPT2_LITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-lite")
+
+
+def cached_download(url: str, sha256: str, name: str, member: str | None = None) -> str:
     """The path of a file downloaded once into the cache ($GPT2_LITE_CACHE, default ~/.cache/gpt2-lite), checked
-    against its sha256 each time it is used."""
-    cache = os.environ.get("GPT2_LITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-lite")
-    path = os.path.join(cache, name)
+    against its sha256 each time it is used. With member, url is a zip archive and the file is that member of it."""
+    path = os.path.join(cache_dir(), name)
     if os.path.isfile(path):
         with open(path, "rb") as f:
             data = f.read()
@@ -211,7 +225,9 @@ def cached_download(url: str, sha256: str, name: str) -> str:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read()
-    except OSError as e:
+        if member is not None:
+            data = zipfile.ZipFile(io.BytesIO(data)).read(member)
+    except (OSError, zipfile.BadZipFile, KeyError) as e:
         raise InputError(f"cannot download {url} ({first_line(e)}; no network?): put that file at {path}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise InputError(f"the file downloaded from {url} is not the one expected (its sha256 differs); try again")

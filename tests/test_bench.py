@@ -3,6 +3,7 @@
 python -m pytest tests/test_bench.py -q
 """
 
+import io
 import math
 
 import pytest
@@ -186,13 +187,13 @@ def test_the_gpu_benchmark_fails_when_a_row_fails_for_another_reason_than_memory
         assert ("out of memory" if oom else "failed: CUDA error") in rows[4], rows[4]
 
 
-def test_the_eval_benchmark_runs_on_generated_text_in_a_clone_without_real_text(monkeypatch, tmp_path):
+def test_the_eval_benchmark_runs_on_generated_text_where_no_real_text_can_be_had(monkeypatch):
     import bench
 
-    monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
+    monkeypatch.setattr(bench, "real_text_dir", lambda: None)
     tasks, described = bench.eval_tasks()
     assert len(tasks["hellaswag"]) == 300 * 4 and len(tasks["lambada"]) == 400 and len(tasks["wikitext"]) > 100
-    assert described.startswith("GENERATED text, not real text (no real text beside the clone)")
+    assert described.startswith("GENERATED text, not real text (none to be had)")
     assert "Tiny Shakespeare" not in described, "it names no real text it did not read"
     assert all(context and completion for pairs in tasks.values() for context, completion in pairs)
 
@@ -231,7 +232,7 @@ def tiny_recipe_bench(tmp_path, monkeypatch):
     budgets of half and all of one token a block parameter, two seeds, two decay shares."""
     import bench
 
-    monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
+    monkeypatch.setattr(bench, "real_text_dir", lambda: None)
     monkeypatch.setattr(bench, "GENERATED_TEXTS", 400)
     scale = bench.Scale({"1 x 16": (1, 1, 16), "1 x 32": (1, 2, 32)}, 64, 4, 32, 1, "cpu", "fp32", 1.0)
     monkeypatch.setattr(bench, "CPU_SCALE", scale)
@@ -315,3 +316,46 @@ def test_the_speedup_is_read_off_the_better_recipes_curve_at_the_worse_ones_fina
     assert speedup(Results([5.0, 4.5, 4.0], [4.5, 4.25, 4.0]), "s", tuned, 0) == pytest.approx(1.0)
     assert speedup(Results([5.0, 4.5, 4.0], [3.9, 3.8, 3.7]), "s", tuned, 0) == pytest.approx(4.0), "a bound"
     assert speedup(Results([4.5, 4.0, 3.8], [5.0, 4.5, 4.0]), "s", tuned, 0) == pytest.approx(0.5), "Muon slower"
+
+
+def test_a_clone_downloads_the_benchmarks_real_text_once_and_checks_it(monkeypatch, tmp_path, capsys):
+    """Without the project's copy beside it, the real text comes from the cache, downloaded once (WikiText-2's file as
+    a member of its zip) and checked against its sha256; with no network, None and one line say why."""
+    import hashlib
+    import urllib.request
+    import zipfile
+
+    import bench
+
+    texts = {name: f"the text of {name}\n".encode() for name in bench.REAL_TEXT}
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("wikitext-2-raw/wiki.valid.raw", texts["wikitext-2-raw/wiki.valid.raw"])
+    served = {"tinyshakespeare/input.txt": texts["tinyshakespeare/input.txt"],
+              "lambada/lambada_test.jsonl": texts["lambada/lambada_test.jsonl"],
+              "wikitext-2-raw/wiki.valid.raw": archive.getvalue()}  # fmt: skip
+    urls = {name: f"https://example.org/{i}" for i, name in enumerate(bench.REAL_TEXT)}
+    real_text = {name: (urls[name], hashlib.sha256(texts[name]).hexdigest(), member)
+                 for name, (_, _, member) in bench.REAL_TEXT.items()}  # fmt: skip
+    monkeypatch.setattr(bench, "REAL_TEXT", real_text)
+    monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "absent")
+    monkeypatch.setenv("GPT2_LITE_CACHE", str(tmp_path / "cache"))
+    fetched = []
+
+    def urlopen(url, timeout):
+        fetched.append(url)
+        name = next(name for name, address in urls.items() if address == url)
+        return io.BytesIO(served[name])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    assert bench.real_text_dir() == tmp_path / "cache" and len(fetched) == 3
+    assert all((tmp_path / "cache" / name).read_bytes() == text for name, text in texts.items())
+    assert bench.real_text_dir() == tmp_path / "cache" and len(fetched) == 3, "downloaded once"
+
+    def offline(url, timeout):
+        raise OSError("Name or service not known")
+
+    (tmp_path / "cache" / "lambada" / "lambada_test.jsonl").unlink()
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert bench.real_text_dir() is None
+    assert "no real text for the benchmarks (cannot download https://example.org/1" in capsys.readouterr().err

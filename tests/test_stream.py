@@ -249,7 +249,7 @@ def test_tinyshakespeare_is_downloaded_once_and_checked(tmp_path, monkeypatch):
 
 def test_tinyshakespeare_with_no_network_or_a_wrong_file_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_LITE_CACHE", str(tmp_path / "cache"))
-    url, sha256 = prepare_data.TINY_SHAKESPEARE
+    url, sha256 = text_data.TINY_SHAKESPEARE
     monkeypatch.setattr(prepare_data, "TINY_SHAKESPEARE", ("http://127.0.0.1:9/input.txt", sha256))
     with pytest.raises(prepare_data.InputError, match="cannot download .*: put that file at .*input.txt"):
         prepare("--dataset", "tinyshakespeare", "--out-dir", str(tmp_path / "out"))
