@@ -7,6 +7,7 @@ the largest micro batch that fits. Nothing here writes a file.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -75,6 +76,7 @@ class Facts:
     run_dir_in_use: str | None  # which process holds --run-dir now, if one does
     resume: bool
     in_colab: bool
+    checkpoints_kept: int = 0  # step checkpoints a resume finds in --run-dir: rotation keeps them beside the new
 
     @property
     def tokens_per_step(self) -> int:
@@ -88,17 +90,25 @@ def evaluations(start_step: int, max_steps: int, interval: int) -> int:
 
 
 def checkpoints_written(f: Facts) -> int:
-    """The checkpoints the loop writes from start_step on: every ckpt_interval steps after it, and at the end."""
+    """The checkpoints the loop writes after start_step: every ckpt_interval steps, and at the end."""
+    if f.start_step >= f.max_steps:
+        return 0
     if not f.ckpt_interval:
         return 1
     return f.max_steps // f.ckpt_interval - f.start_step // f.ckpt_interval + (f.max_steps % f.ckpt_interval != 0)
 
 
-def checkpoint_files(f: Facts) -> int:
-    """The most checkpoint files on disk at once: those --keep-last keeps, the next one written before the oldest
-    goes (where there is a next), and best.pt."""
+def writes_past_keep_last(f: Facts) -> bool:
+    """Whether a checkpoint is written while --keep-last others are on disk: the oldest goes only after it."""
     written = checkpoints_written(f)
-    return min(written, f.keep_last) + (written > f.keep_last) + 1
+    return written > 0 and f.checkpoints_kept + written > f.keep_last
+
+
+def checkpoint_files(f: Facts) -> int:
+    """The most checkpoint files on disk at once: the step checkpoints rotation keeps (a resumed run's old ones
+    among them), the next one written before the oldest goes, and best.pt."""
+    kept = min(f.checkpoints_kept + checkpoints_written(f), f.keep_last)
+    return max(f.checkpoints_kept, kept + writes_past_keep_last(f)) + 1
 
 
 def make_plan(f: Facts) -> dict:
@@ -127,7 +137,7 @@ def make_plan(f: Facts) -> dict:
 
 def checkpoint_seconds(f: Facts) -> float | None:
     """Time between two checkpoints, evaluations included; None when the run writes one only at its end."""
-    if not f.ckpt_interval or f.ckpt_interval >= f.max_steps - f.start_step:
+    if not f.ckpt_interval or checkpoints_written(f) <= 1:
         return None
     return f.ckpt_interval * f.seconds_per_step + f.ckpt_interval / f.eval_interval * f.eval_seconds
 
@@ -182,8 +192,8 @@ def plan_lines(f: Facts, plan: dict) -> list[str]:
            if plan["seconds_between_checkpoints"] else ", one checkpoint at the end"),
         f"disk: {gib(plan['checkpoint_bytes'])} of checkpoints at the peak ({checkpoint_files(f)} files of "
         f"{gib(f.checkpoint_bytes_each)}: "
-        + (f"{f.keep_last} kept, the next being written, best.pt)" if checkpoints_written(f) > f.keep_last
-           else f"{checkpoints_written(f)} written, best.pt)"),
+        + (f"{f.keep_last} kept, the next being written, best.pt)" if writes_past_keep_last(f)
+           else f"{checkpoint_files(f) - 1} checkpoint(s) and best.pt)"),
     ]  # fmt: skip
     if f.largest_micro_batch:
         accumulation = f.tokens_per_step // (f.largest_micro_batch * f.seq_len * f.world_size)
@@ -410,15 +420,20 @@ def slowest(run, seconds: float) -> float:
 
 
 def synchronize(device: str):
+    """Wait for the device's queued work, so that a clock read after it is honest."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+    elif torch.device(device).type == "mps":
+        torch.mps.synchronize()
 
 
 def one_micro_batch_step(run, step_seconds: Callable[[], float]) -> tuple[float, float]:
-    """An optimizer step of a single micro batch: its seconds, and those of the optimizer's own step within it (0
-    where fp16 skipped it), timed by wrapping the optimizer's step for this one call."""
+    """An optimizer step of a single micro batch: its seconds, and those of the optimizer's own step within it,
+    timed by wrapping the optimizer's step for this one call (0 where fp16 skipped it and the step was not called;
+    fused AdamW is called, and skips inside)."""
     optimizer_seconds = [0.0]
 
+    @functools.wraps(run.optimizer.step)
     def timed_step(*args, **kwargs):
         synchronize(run.device)
         t0 = time.perf_counter()
@@ -478,13 +493,15 @@ def time_validation(run, validate: Callable[[], object]) -> float:
     """Seconds of one validation: its first batch timed, then the whole of it where that is short, or the first
     batch times the number of batches where it is long."""
     args, loader = run.args, run.val_loader
-    batches = math.ceil(min(run.val_windows, sum(loader.windows_per_shard)) / loader.rows)
-    eval_steps, args.eval_steps = args.eval_steps, math.ceil(loader.rows / EVAL_ROWS)  # windows for one batch
+    windows = sum(loader.windows_per_shard)
+    batches = math.ceil(min(run.val_windows, windows) / loader.rows)
+    eval_steps, args.eval_steps = args.eval_steps, math.ceil(loader.rows / EVAL_ROWS)  # at least one batch
+    timed = math.ceil(min(run.val_windows, windows) / loader.rows)  # one, or more where rows is not a multiple
     run.say(f"timing: validation's first batch of {batches}")
     try:
         t0 = time.perf_counter()
         validate()
-        first = slowest(run, time.perf_counter() - t0)
+        first = slowest(run, (time.perf_counter() - t0) / timed)
     finally:
         args.eval_steps = eval_steps
     if first * batches < LONG_STEP_SECONDS:
@@ -532,6 +549,7 @@ def plan_run(run, step_seconds: Callable[[], float], validate: Callable[[], obje
         checkpoint_bytes_each=checkpoint_size(run.raw_model, **run.state(run.step)),  # counted, not written
         largest_micro_batch=largest,
         run_dir_holds_a_run=bool(step_checkpoints(args.run_dir)),
+        checkpoints_kept=len(step_checkpoints(args.run_dir)) if args.resume else 0,
         run_dir_in_use=run.in_use,
         in_colab="COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules,
     )

@@ -11,6 +11,7 @@ sees where one ends and the next begins. The shard format is llm.c's (shards.py)
 import collections
 import glob
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -19,6 +20,7 @@ import re
 import sys
 import urllib.request
 import zipfile
+import zlib
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -225,14 +227,20 @@ def cached_download(url: str, sha256: str, name: str, member: str | None = None)
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read()
-        if member is not None:
-            data = zipfile.ZipFile(io.BytesIO(data)).read(member)
-    except (OSError, zipfile.BadZipFile, KeyError) as e:
+    except (OSError, http.client.HTTPException) as e:
         raise InputError(f"cannot download {url} ({first_line(e)}; no network?): put that file at {path}") from None
+    if member is not None:
+        try:
+            data = zipfile.ZipFile(io.BytesIO(data)).read(member)
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
+            raise InputError(f"{url} is not a zip holding {member} ({first_line(e)}); try again") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise InputError(f"the file downloaded from {url} is not the one expected (its sha256 differs); try again")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomically(path, lambda f: f.write(data))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomically(path, lambda f: f.write(data))
+    except OSError as e:
+        raise InputError(f"cannot write {path} ({first_line(e)}): set $GPT2_LITE_CACHE to a writable folder") from None
     return path
 
 

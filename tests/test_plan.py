@@ -205,11 +205,24 @@ def test_the_largest_micro_batch_line_keeps_the_batch():
     assert "22.2 times" in result["warnings"][0]
 
 
-def test_the_disk_counts_the_checkpoints_a_short_run_writes_not_keep_last():
-    """A run shorter than --ckpt-interval writes one checkpoint, at its end: that and best.pt, not --keep-last + 2."""
-    for max_steps, ckpt_interval, files, words in ((100, 1000, 2, "1 written, best.pt"), (20, 0, 2, "1 written"),
-                                                   (3000, 1000, 4, "3 written"), (3001, 1000, 5, "3 kept, the next")):
-        facts = dataclasses.replace(t4_facts(), max_steps=max_steps, ckpt_interval=ckpt_interval)
+def test_the_disk_counts_the_checkpoints_a_run_writes_and_those_a_resume_finds():
+    """A run shorter than --ckpt-interval writes one checkpoint, at its end: that and best.pt, not --keep-last + 2.
+    A resumed run's old checkpoints stay beside the new ones until rotation drops them."""
+    cases = [  # (start, end, interval, already in --run-dir), files at the peak, what the line says
+        ((0, 100, 1000, 0), 2, "1 checkpoint(s) and best.pt"),
+        ((0, 20, 0, 0), 2, "1 checkpoint(s) and best.pt"),
+        ((0, 3000, 1000, 0), 4, "3 checkpoint(s) and best.pt"),
+        ((0, 3001, 1000, 0), 5, "3 kept, the next being written, best.pt"),
+        ((9500, 10_000, 500, 3), 5, "3 kept, the next being written, best.pt"),
+        ((900, 1000, 500, 1), 3, "2 checkpoint(s) and best.pt"),
+    ]  # fmt: skip
+    for (start, end, interval, kept), files, words in cases:
+        facts = dataclasses.replace(t4_facts(), start_step=start, max_steps=end, ckpt_interval=interval,
+                                    checkpoints_kept=kept)  # fmt: skip
         result = planning.make_plan(facts)
-        assert result["checkpoint_bytes"] == files * 1_500_000_000, (max_steps, ckpt_interval)
-        assert words in "\n".join(planning.plan_lines(facts, result))
+        assert result["checkpoint_bytes"] == files * 1_500_000_000, (start, end, interval, kept)
+        assert words in "\n".join(planning.plan_lines(facts, result)), (start, end, interval, kept)
+    loop = [step for step in range(901, 1201) if step == 1200 or step % 500 == 0]  # train()'s checkpoints
+    facts = dataclasses.replace(t4_facts(), start_step=900, max_steps=1200, ckpt_interval=500)
+    assert planning.checkpoints_written(facts) == len(loop) == 2
+    assert planning.make_plan(facts)["seconds_between_checkpoints"], "two checkpoints: a time between them"
