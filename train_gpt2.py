@@ -9,7 +9,7 @@ What this file holds, in reading order:
   5. Training   one function per technique: the learning-rate schedule, mixed precision, gradient accumulation,
                 clipping after unscaling, validation, MFU, DDP, torch.compile
   6. The run    the flags, setup in a few calls, the loop
-The machinery a learner does not come for lives in the package gpt2lite/ (README, Project layout): input checks,
+The machinery a learner does not come for lives in the package gpt2lite/ (docs/code.md, Project layout): checks,
 files, checkpoints, shards, OpenAI's and Hugging Face's files, evaluation, the plan. It never imports this file.
 
 Commands a reader will type:
