@@ -63,8 +63,9 @@ def test_the_plan_writes_nothing_and_its_arithmetic_is_exact(data, tmp_path, cap
     # run's own
     assert run_train(*settings, "--data-dir", str(data), "--run-dir", str(run_dir)).returncode == 0
     real = (run_dir / "ckpt_000008.pt").stat().st_size
-    # the pickled integers (step, data position) may take a byte more or less than at the plan's step 0
-    assert result["checkpoint_bytes"] == pytest.approx(3 * real, abs=3 * 64)
+    # the pickled integers (step, data position) may take a byte more or less than at the plan's step 0, which
+    # torch.save's 64-byte alignment of its records can turn into a record more or less of padding
+    assert result["checkpoint_bytes"] == pytest.approx(3 * real, abs=3 * 256)
 
 
 @NEEDS_MUON
