@@ -489,19 +489,22 @@ def time_steps(run, step_seconds: Callable[[], float]) -> tuple[float, int]:
     return seconds, resident_peak_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def validation_batches(run) -> int:
+    """The batches estimate_loss reads: run.val_windows windows (at most the split's), loader.rows to a batch."""
+    return math.ceil(min(run.val_windows, sum(run.val_loader.windows_per_shard)) / run.val_loader.rows)
+
+
 def time_validation(run, validate: Callable[[], object]) -> float:
     """Seconds of one validation: its first batch timed, then the whole of it where that is short, or the first
     batch times the number of batches where it is long."""
-    args, loader = run.args, run.val_loader
-    windows = sum(loader.windows_per_shard)
-    batches = math.ceil(min(run.val_windows, windows) / loader.rows)
-    eval_steps, args.eval_steps = args.eval_steps, math.ceil(loader.rows / EVAL_ROWS)  # at least one batch
-    timed = math.ceil(min(run.val_windows, windows) / loader.rows)  # one, or more where rows is not a multiple
+    args, batches = run.args, validation_batches(run)
     run.say(f"timing: validation's first batch of {batches}")
+    eval_steps, args.eval_steps = args.eval_steps, math.ceil(run.val_loader.rows / EVAL_ROWS)  # about one batch
     try:
+        piece = validation_batches(run)  # one, or a few where a batch's rows are not a multiple of EVAL_ROWS
         t0 = time.perf_counter()
         validate()
-        first = slowest(run, (time.perf_counter() - t0) / timed)
+        first = slowest(run, (time.perf_counter() - t0) / piece)
     finally:
         args.eval_steps = eval_steps
     if first * batches < LONG_STEP_SECONDS:
